@@ -1,0 +1,283 @@
+"""Settings: read once at start-up from the environment and a `.env` file.
+
+The variable names are the original Node service's, so an existing `.env`
+keeps working. The process environment wins over the file; an empty value
+means "unset" wherever it stands, so an empty exported variable does not hide
+a value from the file. Every problem is collected and reported at once, one
+line each, naming the variable and the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from dotenv import dotenv_values
+
+DEFAULT_ENV_FILE = ".env"
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_HTTP_PORT = 80
+DEFAULT_HTTPS_PORT = 443
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+DEFAULT_MAX_CLIENTS = 1000
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_REQUEST_TIMEOUT = 600.0
+DEFAULT_STREAM_IDLE_TIMEOUT = 120.0
+DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_CORS_ORIGINS = ("*",)
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class ConfigError(Exception):
+    """Start-up configuration is incomplete or invalid; `problems` has one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One Azure OpenAI deployment the gateway sends requests to."""
+
+    endpoint: str
+    deployment: str
+    api_version: str
+    key: Secret
+
+    @property
+    def chat_url(self) -> str:
+        return (
+            f"{self.endpoint}/openai/deployments/{self.deployment}"
+            f"/chat/completions?api-version={self.api_version}"
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs, cast and checked."""
+
+    deployment: Deployment
+    host: str = DEFAULT_HOST
+    http_port: int = DEFAULT_HTTP_PORT
+    https_port: int = DEFAULT_HTTPS_PORT
+    enable_ssl: bool = False
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+    parameter_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+
+
+def _number(low: float, high: float) -> Callable[[str], float]:
+    def cast(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"must be a number from {low:g} to {high:g}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be a number from {low:g} to {high:g}")
+        return value
+
+    return cast
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    rule = f"must be an integer from {low} to {high}" if high else f"must be an integer >= {low}"
+
+    def cast(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(rule) from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(rule)
+        return value
+
+    return cast
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds > 0") from None
+    if value <= 0:
+        raise ValueError("must be a number of seconds > 0")
+    return value
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _stop(raw: str) -> str | list[str]:
+    """Accept a plain string, or a JSON array of 1-4 strings (`["\\n","END"]`)."""
+    if not raw.lstrip().startswith("["):
+        return raw
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError("must be a string or a JSON array of 1 to 4 strings") from None
+    if not (1 <= len(value) <= 4 and all(isinstance(item, str) for item in value)):
+        raise ValueError("must be a string or a JSON array of 1 to 4 strings")
+    return value
+
+
+def _endpoint(raw: str) -> str:
+    if not raw.startswith(("https://", "http://")):
+        raise ValueError("must be a URL starting with https:// (or http://)")
+    return raw.rstrip("/")
+
+
+def _existing_file(raw: str) -> str:
+    if not os.path.isfile(raw):
+        raise ValueError(f"must name an existing file ({raw} not found)")
+    return raw
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
+
+
+# The chat parameters a `.env` may give defaults for, with the same ranges
+# the request schema enforces.
+PARAMETER_CASTS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
+    {
+        "temperature": _number(0, 2),
+        "top_p": _number(0, 1),
+        "n": _integer(1, 128),
+        "stream": _boolean,
+        "stop": _stop,
+        "max_tokens": _integer(1),
+        "presence_penalty": _number(-2, 2),
+        "frequency_penalty": _number(-2, 2),
+        "user": str,
+    }
+)
+
+_SERVER_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType(
+    {
+        "HOST": ("host", str),
+        "HTTP_PORT": ("http_port", _integer(0, 65535)),
+        "HTTPS_PORT": ("https_port", _integer(0, 65535)),
+        "ENABLE_SSL": ("enable_ssl", _boolean),
+        "SSL_CERT": ("ssl_cert", _existing_file),
+        "SSL_KEY": ("ssl_key", _existing_file),
+        "MAX_BODY_SIZE": ("max_body_size", _integer(1)),
+        "MAX_CLIENTS": ("max_clients", _integer(1)),
+        "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
+        "REQUEST_TIMEOUT": ("request_timeout", _seconds),
+        "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _seconds),
+        "DRAIN_TIMEOUT": ("drain_timeout", _seconds),
+        "CORS_ORIGINS": ("cors_origins", _origins),
+    }
+)
+
+_DEPLOYMENT_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType(
+    {
+        "ENDPOINT": ("endpoint", _endpoint),
+        "DEPLOYMENT_NAME": ("deployment", str),
+        "API_VERSION": ("api_version", str),
+        "KEY": ("key", Secret),
+    }
+)
+
+
+def read_sources(environ: Mapping[str, str]) -> dict[str, str]:
+    """Merge the `.env` file (or `ENV_FILE`) under the environment, dropping empty values."""
+    env_file = environ.get("ENV_FILE") or DEFAULT_ENV_FILE
+    if environ.get("ENV_FILE") and not os.path.isfile(env_file):
+        raise ConfigError([f"ENV_FILE: must name an existing file ({env_file} not found)"])
+    from_file = dotenv_values(env_file) if os.path.isfile(env_file) else {}
+    merged = {name: value for name, value in from_file.items() if value}
+    merged.update({name: value for name, value in environ.items() if value})
+    return merged
+
+
+def load_settings(
+    environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
+) -> Settings:
+    """Build `Settings` from the environment, the env file and `overrides` (which win).
+
+    Raises ConfigError listing every problem; the key's value is never part
+    of a message.
+    """
+    values = read_sources(environ)
+    values.update(overrides or {})
+    problems: list[str] = []
+
+    def cast_all(table: Mapping[str, tuple[str, Callable[[str], Any]]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for variable, (attribute, cast) in table.items():
+            if variable in values:
+                try:
+                    out[attribute] = cast(values[variable])
+                except ValueError as error:
+                    problems.append(f"{variable}: {error}")
+        return out
+
+    server = cast_all(_SERVER_CASTS)
+    deployment = cast_all(_DEPLOYMENT_CASTS)
+    for variable, (attribute, _) in _DEPLOYMENT_CASTS.items():
+        if variable not in values:
+            problems.append(f"{variable}: is required")
+
+    defaults: dict[str, Any] = {}
+    for name, cast in PARAMETER_CASTS.items():
+        if name in values:
+            try:
+                defaults[name] = cast(values[name])
+            except ValueError as error:
+                problems.append(f"{name}: {error}")
+
+    if server.get("enable_ssl"):
+        for variable in ("SSL_CERT", "SSL_KEY"):
+            if variable not in values:
+                problems.append(f"{variable}: is required when ENABLE_SSL is true")
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        deployment=Deployment(**deployment),
+        parameter_defaults=MappingProxyType(defaults),
+        **server,
+    )

@@ -1,0 +1,168 @@
+"""Failures the gateway expects, and the one table that maps upstream ones.
+
+Handlers raise `GatewayError`; `render_envelope` (the original API's
+`{"success": 0, ...}` shape) and `render_openai_error` (OpenAI's and Azure's
+`{"error": {...}}` shape) turn it into a body in exactly one place each.
+
+Upstream answers keep their meaning: a 400 (content filter included) stays a
+400 with Azure's error object, a 429 stays a 429 with a Retry-After the caller
+can use. Azure's 401/403/404 mean *our* key or deployment is wrong, so the
+caller gets a 502 that says so rather than a misleading 401.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping
+
+import pycurl
+
+
+class GatewayError(Exception):
+    """An expected failure: the status, headers and error object the caller gets."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        rule: str | None = None,
+        error_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        upstream_error: Mapping[str, Any] | None = None,
+        upstream_status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.rule = rule
+        self.error_type = error_type or _default_type(status)
+        self.headers = dict(headers or {})
+        self.upstream_error = dict(upstream_error) if upstream_error else None
+        self.upstream_status = upstream_status
+
+    def error_object(self) -> dict[str, Any]:
+        """The `error` member: Azure's own object when the failure is Azure's, else ours."""
+        if self.upstream_error is not None and self.status < 500:
+            return self.upstream_error
+        error = {
+            "code": self.code,
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+        }
+        if self.rule:
+            error["rule"] = self.rule
+        return error
+
+
+def _default_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status in (401, 403):
+        return "authentication_error"
+    if status < 500:
+        return "invalid_request_error"
+    return "upstream_error"
+
+
+def render_envelope(error: GatewayError) -> dict[str, Any]:
+    """The original API's error body."""
+    return {"success": 0, "message": error.message, "error": error.error_object()}
+
+
+def render_openai_error(error: GatewayError) -> dict[str, Any]:
+    """OpenAI's (and Azure's) error body, which the official SDKs parse."""
+    body = error.error_object()
+    body.setdefault("message", error.message)
+    return {"error": body}
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> int | None:
+    """Whole seconds to wait, from Azure's `retry-after-ms` (preferred) or `retry-after`."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) / scale
+        except ValueError:
+            continue
+        return max(1, math.ceil(value))
+    return None
+
+
+def _parse_error_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return parsed["error"]
+    return None
+
+
+def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
+    """Turn a non-200 answer from Azure into the error the caller gets."""
+    upstream = _parse_error_object(body)
+    upstream_message = str((upstream or {}).get("message") or "").strip()
+    if status == 429:
+        wait = retry_after_seconds(headers)
+        return GatewayError(
+            429,
+            str((upstream or {}).get("code") or "rate_limited"),
+            upstream_message or "Azure OpenAI rate limit reached; retry later.",
+            headers={"Retry-After": str(wait)} if wait is not None else None,
+            upstream_error=upstream,
+            upstream_status=status,
+        )
+    if status in (401, 403, 404):
+        return GatewayError(
+            502,
+            "upstream_configuration",
+            f"Azure OpenAI answered {status}: the gateway's key, endpoint or deployment "
+            "is misconfigured. This is not a problem with your request.",
+            upstream_status=status,
+        )
+    if status == 408:
+        return GatewayError(
+            504,
+            "upstream_timeout",
+            "Azure OpenAI timed out processing the request.",
+            upstream_status=status,
+        )
+    if status >= 500 or status < 400:
+        return GatewayError(
+            502,
+            "upstream_error",
+            f"Azure OpenAI failed with status {status}"
+            + (f": {upstream_message}" if upstream_message else "."),
+            upstream_status=status,
+        )
+    return GatewayError(
+        status,
+        str((upstream or {}).get("code") or "upstream_rejected"),
+        upstream_message or f"Azure OpenAI rejected the request with status {status}.",
+        param=(upstream or {}).get("param"),
+        upstream_error=upstream,
+        upstream_status=status,
+    )
+
+
+_TIMEOUT_ERRNOS = {pycurl.E_OPERATION_TIMEDOUT}
+
+
+def map_transport_error(errno: int | None, description: str) -> GatewayError:
+    """Turn a failure to talk to Azure at all (refused, reset, timed out) into 502/504."""
+    if errno in _TIMEOUT_ERRNOS:
+        return GatewayError(
+            504, "upstream_timeout", f"Azure OpenAI did not answer in time ({description})."
+        )
+    return GatewayError(
+        502, "upstream_unreachable", f"Could not reach Azure OpenAI ({description})."
+    )

@@ -1,0 +1,61 @@
+"""Server-sent events: cut a byte stream into whole events, without re-encoding them.
+
+The relay forwards Azure's bytes as they came; it only needs to know where one
+event ends, so that a final error event never lands inside a half-sent one,
+and whether the stream reached its `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+
+DONE_EVENT = b"data: [DONE]\n\n"
+_SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
+
+
+class EventFramer:
+    """Accumulate chunks and hand back each complete event's raw bytes."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Return the events completed by `chunk`, separator included."""
+        self._buffer += chunk
+        events = []
+        while True:
+            end = _event_end(self._buffer)
+            if end < 0:
+                break
+            events.append(self._buffer[:end])
+            self._buffer = self._buffer[end:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event that has not been completed yet."""
+        return self._buffer
+
+
+def _event_end(buffer: bytes) -> int:
+    ends = [index + len(sep) for sep in _SEPARATORS if (index := buffer.find(sep)) >= 0]
+    return min(ends) if ends else -1
+
+
+def event_data(event: bytes) -> bytes:
+    """The joined `data:` field of one raw event (spec: lines joined with LF)."""
+    lines = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines)
+
+
+def is_done(event: bytes) -> bool:
+    return event_data(event).strip() == b"[DONE]"
+
+
+def encode_event(payload: object) -> bytes:
+    """One `data:` event carrying a JSON payload."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

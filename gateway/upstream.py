@@ -1,0 +1,252 @@
+"""The one place that builds and sends requests to Azure OpenAI.
+
+Uses Tornado's curl `AsyncHTTPClient`: it keeps upstream connections alive
+(the simple client opens a new TCP+TLS connection per request) and costs about
+half the CPU. The curl client swallows exceptions raised from a
+`streaming_callback`, so aborting a transfer (caller gone, stream idle) goes
+through libcurl's progress function instead: once `UpstreamCall.abort` is
+called, the next progress tick (at least once a second, more often while data
+flows) tells libcurl to drop the connection.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import pycurl
+from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
+from tornado.httpclient import HTTPRequest
+from tornado.httputil import HTTPHeaders, parse_response_start_line
+from tornado.ioloop import IOLoop
+
+from .config import Deployment, Settings
+from .errors import GatewayError, map_transport_error, map_upstream_status
+from .sse import EventFramer, is_done
+
+USER_AGENT = "azure-gpt-api"
+# Enough for any chat completion; it only guards against a runaway upstream.
+MAX_UPSTREAM_BODY = 256 * 1024 * 1024
+# Error bodies are small JSON objects; keep no more than this of one.
+MAX_ERROR_BODY = 64 * 1024
+
+
+class UpstreamCall:
+    """One request to Azure that its owner can abort while it runs."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.abort_reason: str | None = None
+
+    def abort(self, reason: str) -> None:
+        """Stop the transfer at libcurl's next progress tick."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
+
+    def _progress(self, *_counts: int) -> int:
+        return 1 if self.abort_reason else 0
+
+    def prepare_curl(self, curl: pycurl.Curl) -> None:
+        # Handles are pooled, so every option set here is set on every request.
+        curl.setopt(pycurl.NOPROGRESS, 0)
+        curl.setopt(pycurl.XFERINFOFUNCTION, self._progress)
+        # Tornado turns on VERBOSE when its curl logger is at DEBUG, which
+        # would log the api-key request header.
+        curl.setopt(pycurl.VERBOSE, 0)
+        curl.setopt(pycurl.NOSIGNAL, 1)
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    headers: HTTPHeaders
+    body: bytes
+
+
+class StreamSink(Protocol):
+    """Where a relayed stream goes: the caller's connection."""
+
+    def start(self, upstream_headers: HTTPHeaders) -> None: ...
+
+    def send(self, event: bytes) -> None: ...
+
+    def fail(self, error: GatewayError) -> None: ...
+
+
+class UpstreamClient:
+    """Sends chat-completions requests to Azure deployments over pooled connections."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._http = CurlAsyncHTTPClient(
+            force_instance=True,
+            max_clients=settings.max_clients,
+            max_body_size=MAX_UPSTREAM_BODY,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def build_request(
+        self,
+        deployment: Deployment,
+        body: bytes,
+        call: UpstreamCall,
+        *,
+        stream: bool,
+        **callbacks: object,
+    ) -> HTTPRequest:
+        """The upstream HTTP request: URL, headers, timeouts. Streams have no overall limit."""
+        return HTTPRequest(
+            deployment.chat_url,
+            method="POST",
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "api-key": deployment.key.reveal(),
+                "x-request-id": call.request_id,
+                "x-ms-client-request-id": call.request_id,
+            },
+            user_agent=USER_AGENT,
+            connect_timeout=self._settings.connect_timeout,
+            request_timeout=0 if stream else self._settings.request_timeout,
+            prepare_curl_callback=call.prepare_curl,
+            **callbacks,
+        )
+
+    async def complete(
+        self, deployment: Deployment, body: bytes, call: UpstreamCall
+    ) -> UpstreamResponse:
+        """Send a non-stream request; raise GatewayError for anything but a 200."""
+        request = self.build_request(deployment, body, call, stream=False)
+        try:
+            response = await self._http.fetch(request, raise_error=False)
+        except CurlError as error:
+            raise map_transport_error(error.errno, error.message) from None
+        if response.code != 200:
+            raise map_upstream_status(response.code, response.headers, response.body or b"")
+        return UpstreamResponse(response.code, response.headers, response.body)
+
+    async def stream(
+        self, deployment: Deployment, body: bytes, call: UpstreamCall, sink: StreamSink
+    ) -> None:
+        """Relay Azure's stream to `sink` event by event, the moment each arrives.
+
+        Before the first event reaches the caller a failure is raised as
+        GatewayError (the handler answers with a normal error response);
+        after it, the failure goes to `sink.fail` as one last event.
+        """
+        relay = _StreamRelay(sink, call, self._settings.stream_idle_timeout)
+        request = self.build_request(
+            deployment,
+            body,
+            call,
+            stream=True,
+            header_callback=relay.on_header_line,
+            streaming_callback=relay.on_chunk,
+        )
+        transport_error: CurlError | None = None
+        relay.arm_idle_timer()
+        try:
+            await self._http.fetch(request, raise_error=False)
+        except CurlError as error:
+            transport_error = error
+        finally:
+            relay.disarm_idle_timer()
+        relay.finish(transport_error)
+
+
+class _StreamRelay:
+    """The per-stream state behind `UpstreamClient.stream`."""
+
+    def __init__(self, sink: StreamSink, call: UpstreamCall, idle_timeout: float) -> None:
+        self.sink = sink
+        self.call = call
+        self.idle_timeout = idle_timeout
+        self.status: int | None = None
+        self.headers = HTTPHeaders()
+        self.error_body = bytearray()
+        self.framer = EventFramer()
+        self.started = False
+        self.done = False
+        self.last_activity = time.monotonic()
+        self._idle_handle: object | None = None
+
+    def on_header_line(self, line: str) -> None:
+        line = line.rstrip("\r\n")
+        if line.startswith("HTTP/"):
+            self.status = parse_response_start_line(line).code
+            self.headers = HTTPHeaders()
+        elif line:
+            self.headers.parse_line(line)
+
+    def on_chunk(self, chunk: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.call.abort_reason:
+            return
+        if self.status != 200:
+            if len(self.error_body) < MAX_ERROR_BODY:
+                self.error_body += chunk
+            return
+        for event in self.framer.feed(chunk):
+            if not self.started:
+                self.started = True
+                self.sink.start(self.headers)
+            if is_done(event):
+                self.done = True
+            self.sink.send(event)
+
+    def arm_idle_timer(self) -> None:
+        self._idle_handle = IOLoop.current().call_later(self.idle_timeout, self._check_idle)
+
+    def disarm_idle_timer(self) -> None:
+        if self._idle_handle is not None:
+            IOLoop.current().remove_timeout(self._idle_handle)
+            self._idle_handle = None
+
+    def _check_idle(self) -> None:
+        # One timer re-armed for the remaining time, rather than a new timer per chunk.
+        remaining = self.last_activity + self.idle_timeout - time.monotonic()
+        if remaining > 0:
+            self._idle_handle = IOLoop.current().call_later(remaining, self._check_idle)
+        else:
+            self._idle_handle = None
+            self.call.abort("idle")
+
+    def finish(self, transport_error: CurlError | None) -> None:
+        error = self._outcome(transport_error)
+        if error is None:
+            return
+        if self.started:
+            self.sink.fail(error)
+        else:
+            raise error
+
+    def _outcome(self, transport_error: CurlError | None) -> GatewayError | None:
+        reason = self.call.abort_reason
+        if reason == "client_gone":
+            return None
+        if reason == "idle":
+            return GatewayError(
+                504,
+                "stream_idle_timeout",
+                f"Azure OpenAI sent nothing for {self.idle_timeout:g} s; the stream was closed.",
+            )
+        if transport_error is not None and self.started:
+            return GatewayError(
+                502,
+                "stream_interrupted",
+                f"The stream from Azure OpenAI was cut ({transport_error.message}).",
+            )
+        if transport_error is not None:
+            return map_transport_error(transport_error.errno, transport_error.message)
+        if self.status != 200:
+            return map_upstream_status(self.status or 502, self.headers, bytes(self.error_body))
+        if not self.done:
+            return GatewayError(
+                502,
+                "stream_interrupted",
+                "Azure OpenAI ended the stream before its final [DONE] event.",
+            )
+        return None

@@ -1,0 +1,105 @@
+"""Request bodies checked against the JSON Schema files in `schema/`.
+
+Validators are compiled once, at start-up. A failure becomes a 400 whose
+message names the field path and the rule, without echoing the (possibly
+large) offending value back in full.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry, Resource
+
+from .errors import GatewayError
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+_MAX_SHOWN_VALUE = 60
+
+
+def load_registry(schema_dir: Path = SCHEMA_DIR) -> Registry:
+    """Every schema file, addressable by its `$id` so schemas can `$ref` one another."""
+    resources = []
+    for path in sorted(schema_dir.glob("*.schema.json")):
+        contents = json.loads(path.read_text())
+        resources.append((contents["$id"], Resource.from_contents(contents)))
+    return Registry().with_resources(resources)
+
+
+def compile_validator(schema_id: str, registry: Registry) -> Draft202012Validator:
+    schema = registry.contents(schema_id)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, registry=registry)
+
+
+def validate_body(validator: Draft202012Validator, body: Any) -> None:
+    """Raise a 400 GatewayError describing the most relevant schema violation."""
+    error = best_match(validator.iter_errors(body))
+    if error is None:
+        return
+    param, rule, message = describe(error)
+    raise GatewayError(
+        400, "invalid_request", f"Invalid request body: {message}", param=param or None, rule=rule
+    )
+
+
+def field_path(parts: Iterable[Any]) -> str:
+    """`messages[2].content` style path of a value inside the body."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
+
+
+def describe(error: ValidationError) -> tuple[str, str, str]:
+    """(field path, rule keyword, readable sentence) for one validation error."""
+    path = field_path(error.absolute_path)
+    where = path or "the body"
+    rule = str(error.validator)
+    limit = error.validator_value
+    if rule == "additionalProperties":
+        allowed = error.schema.get("properties", {})
+        unknown = sorted(name for name in error.instance if name not in allowed)
+        names = ", ".join(repr(name) for name in unknown)
+        return (
+            field_path([*error.absolute_path, unknown[0]]),
+            rule,
+            f"unknown field {names} in {where} (check the spelling)",
+        )
+    if rule == "required":
+        missing = [name for name in limit if name not in error.instance]
+        return field_path([*error.absolute_path, missing[0]]), rule, (
+            f"{where} is missing the required field {missing[0]!r}"
+        )
+    if rule in ("anyOf", "oneOf") and _alternatives_are_required(error):
+        names = [sub["required"][0] for sub in limit]
+        return path, "required", f"{where} needs one of the fields {', '.join(map(repr, names))}"
+    sentences = {
+        "minimum": f"must be >= {limit}",
+        "maximum": f"must be <= {limit}",
+        "exclusiveMinimum": f"must be > {limit}",
+        "exclusiveMaximum": f"must be < {limit}",
+        "minLength": "must not be empty" if limit == 1 else f"must have at least {limit} characters",
+        "maxLength": f"must have at most {limit} characters",
+        "minItems": f"must have at least {limit} item(s)",
+        "maxItems": f"must have at most {limit} item(s)",
+        "type": f"must be of type {' or '.join(limit) if isinstance(limit, list) else limit}",
+        "enum": f"must be one of {', '.join(map(json.dumps, limit))}" if isinstance(limit, list) else "",
+        "const": f"must be {json.dumps(limit)}",
+        "pattern": f"must match the pattern {limit}",
+    }
+    sentence = sentences.get(rule) or f"fails the rule {rule!r}"
+    return path, rule, f"{where} {sentence} (got {_shown(error.instance)})"
+
+
+def _alternatives_are_required(error: ValidationError) -> bool:
+    return all(set(sub) == {"required"} for sub in error.validator_value)

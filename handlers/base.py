@@ -1,0 +1,152 @@
+"""What every route shares: security headers, CORS, JSON bodies and the error shape."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+from gateway.context import GatewayContext
+from gateway.errors import GatewayError, render_envelope
+
+# What the original's helmet() set that still means something for a JSON API.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-DNS-Prefetch-Control": "off",
+    "X-Download-Options": "noopen",
+    "X-Permitted-Cross-Domain-Policies": "none",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+HSTS = "max-age=15552000; includeSubDomains"
+CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
+
+
+class BaseHandler(RequestHandler):
+    """Headers and the error body for the original API's `{"success": ...}` family."""
+
+    def initialize(self, context: GatewayContext) -> None:
+        self.context = context
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        for name, value in SECURITY_HEADERS.items():
+            self.set_header(name, value)
+        if self.request.protocol == "https":
+            self.set_header("Strict-Transport-Security", HSTS)
+        self._set_cors_headers()
+
+    def _set_cors_headers(self) -> None:
+        origins = self.context.settings.cors_origins
+        origin = self.request.headers.get("Origin")
+        if "*" in origins:
+            self.set_header("Access-Control-Allow-Origin", "*")
+        elif origin in origins:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.add_header("Vary", "Origin")
+
+    def options(self, *_args: str) -> None:
+        """Answer a CORS preflight as the `cors` package does."""
+        self.set_header("Access-Control-Allow-Methods", CORS_METHODS)
+        requested = self.request.headers.get("Access-Control-Request-Headers")
+        if requested:
+            self.set_header("Access-Control-Allow-Headers", requested)
+            self.add_header("Vary", "Access-Control-Request-Headers")
+        self.set_status(204)
+        self.finish()
+
+    def write_json(self, payload: Any) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(payload, separators=(",", ":")))
+
+    def gateway_error(self, exc_info: Any) -> GatewayError:
+        """The GatewayError behind a failure, whatever raised it."""
+        error = exc_info[1] if exc_info else None
+        if isinstance(error, GatewayError):
+            return error
+        if isinstance(error, HTTPError) and error.status_code == 405:
+            return GatewayError(
+                405,
+                "method_not_allowed",
+                f"Method {self.request.method} is not allowed on {self.request.path}.",
+            )
+        if isinstance(error, HTTPError) and error.status_code < 500:
+            return GatewayError(error.status_code, "bad_request", error.log_message or self._reason)
+        return GatewayError(500, "internal_error", "The gateway failed unexpectedly.")
+
+    def render_error(self, error: GatewayError) -> dict[str, Any]:
+        return render_envelope(error)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The one place an error response body is shaped."""
+        error = self.gateway_error(kwargs.get("exc_info"))
+        self.set_status(error.status)
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.write_json(self.render_error(error))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # Expected failures are the caller's or Azure's, not a bug: no traceback.
+        if isinstance(value, GatewayError):
+            return
+        super().log_exception(typ, value, tb)
+
+
+class NotFoundHandler(BaseHandler):
+    """Every path no route claims."""
+
+    def prepare(self) -> None:
+        if self.request.method == "OPTIONS":
+            return
+        raise GatewayError(404, "not_found", "API Not found.")
+
+
+@stream_request_body
+class JsonBodyHandler(BaseHandler):
+    """Reads a JSON body itself, so an oversized one gets a 413 answer, not a dropped connection.
+
+    An oversized body is still read to its end (and dropped): answering
+    before that would make Tornado close a socket with unread data, which
+    resets the connection and can destroy the 413 before the caller reads it.
+    """
+
+    def prepare(self) -> None:
+        self._chunks: list[bytes] = []
+        self._received = 0
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._received <= self.context.settings.max_body_size:
+            self._chunks.append(chunk)
+        else:
+            self._chunks.clear()
+
+    def json_body(self) -> dict[str, Any]:
+        """The body as a JSON object, or a 4xx naming what is wrong with it."""
+        limit = self.context.settings.max_body_size
+        if self._received > limit:
+            raise GatewayError(
+                413, "body_too_large", f"The request body exceeds the limit of {limit} bytes."
+            )
+        content_type = self.request.headers.get("Content-Type", "application/json")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise GatewayError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {media_type or '(empty)'} is not supported; "
+                "send the body as application/json.",
+            )
+        try:
+            body = json.loads(b"".join(self._chunks))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise GatewayError(
+                400, "invalid_json", f"The request body is not valid JSON ({error})."
+            ) from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
+        return body

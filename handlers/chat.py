@@ -1,0 +1,103 @@
+"""Chat-completion routes: validate, build the upstream body, relay the answer."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from tornado.httputil import HTTPHeaders
+
+from gateway.chat import build_gpt_chat_body
+from gateway.errors import GatewayError, render_envelope
+from gateway.sse import encode_event
+from gateway.upstream import UpstreamCall, UpstreamResponse
+from gateway.validation import validate_body
+
+from .base import JsonBodyHandler
+
+# A caller-supplied request id is echoed and logged, so it must be short and plain.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Upstream response headers worth passing to the caller.
+RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
+
+
+class ChatProxyHandler(JsonBodyHandler):
+    """Shared by every chat route: one upstream call, streamed or not, cancelled if the caller leaves."""
+
+    call: UpstreamCall | None = None
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.context.in_flight.enter()
+        self._counted = True
+        supplied = self.request.headers.get("x-request-id", "")
+        self.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        self.set_header("x-request-id", self.request_id)
+
+    def on_finish(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.context.in_flight.leave()
+
+    def on_connection_close(self) -> None:
+        if self.call is not None:
+            self.call.abort("client_gone")
+        self.on_finish()
+
+    async def relay(self, body: dict[str, Any]) -> None:
+        """Send `body` to Azure and relay the answer in this route's shape."""
+        self.call = UpstreamCall(self.request_id)
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        deployment = self.context.settings.deployment
+        if body.get("stream"):
+            await self.context.upstream.stream(deployment, payload, self.call, self)
+            if self.call.abort_reason != "client_gone":
+                self.finish()
+        else:
+            response = await self.context.upstream.complete(deployment, payload, self.call)
+            self._relay_headers(response.headers)
+            self.write_completion(response)
+
+    def write_completion(self, response: UpstreamResponse) -> None:
+        raise NotImplementedError
+
+    def stream_error_payload(self, error: GatewayError) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _relay_headers(self, upstream_headers: HTTPHeaders) -> None:
+        for name in RELAYED_HEADERS:
+            if name in upstream_headers:
+                self.set_header(name, upstream_headers[name])
+
+    # StreamSink: called by UpstreamClient.stream as Azure's events arrive.
+
+    def start(self, upstream_headers: HTTPHeaders) -> None:
+        self._relay_headers(upstream_headers)
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+
+    def send(self, event: bytes) -> None:
+        self.write(event)
+        self.flush()
+
+    def fail(self, error: GatewayError) -> None:
+        self.write(encode_event(self.stream_error_payload(error)))
+        self.flush()
+
+
+class GptChatHandler(ChatProxyHandler):
+    """POST /v1/gpt/chat: the original service's contract."""
+
+    async def post(self) -> None:
+        request = self.json_body()
+        validate_body(self.context.validators["gpt_chat"], request)
+        await self.relay(build_gpt_chat_body(request, self.context.settings.parameter_defaults))
+
+    def write_completion(self, response: UpstreamResponse) -> None:
+        self.write_json({"success": 1, **json.loads(response.body)})
+
+    def stream_error_payload(self, error: GatewayError) -> dict[str, Any]:
+        return render_envelope(error)

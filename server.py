@@ -1,0 +1,197 @@
+"""azure-gpt-api: start-up, listeners, signals and the drain on shutdown.
+
+    python server.py              # settings from the environment and .env
+    python server.py --emulator   # answer from the built-in Azure emulator
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import ssl
+import sys
+from typing import Mapping
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.web import Application, GZipContentEncoding
+
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.context import GatewayContext
+from gateway.emulator import AzureEmulator
+from gateway.upstream import UpstreamClient
+from gateway.validation import compile_validator, load_registry
+from handlers.base import NotFoundHandler
+from handlers.chat import GptChatHandler
+from handlers.status import StatusHandler
+
+log = logging.getLogger("azure-gpt-api")
+
+# Bodies over MAX_BODY_SIZE are read and dropped so the caller gets a 413;
+# past this much, Tornado cuts the connection instead of reading on.
+DISCARD_BODY_LIMIT = 64 * 1024 * 1024
+# How long an idle keep-alive connection from a caller stays open.
+KEEP_ALIVE_TIMEOUT = 65.0
+EMULATOR_DEPLOYMENT = "gpt-4o"
+EMULATOR_API_VERSION = "2024-10-21"
+
+
+class JsonOnlyGzip(GZipContentEncoding):
+    """gzip JSON answers only: a compressed event stream would be held back by the compressor."""
+
+    def _compressible_type(self, ctype: str) -> bool:
+        return ctype == "application/json"
+
+
+def make_app(settings: Settings) -> Application:
+    """Build the application and everything its handlers share."""
+    registry = load_registry()
+    context = GatewayContext(
+        settings=settings,
+        upstream=UpstreamClient(settings),
+        validators={"gpt_chat": compile_validator("gpt_chat.schema.json", registry)},
+    )
+    shared = {"context": context}
+    return Application(
+        [
+            (r"/v1/?", StatusHandler, shared),
+            (r"/v1/gpt/chat/?", GptChatHandler, shared),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=shared,
+        transforms=[JsonOnlyGzip],
+        context=context,
+    )
+
+
+class GatewayServer:
+    """The HTTP (and optional HTTPS) listeners of one app, and their orderly shutdown."""
+
+    def __init__(self, app: Application, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.context: GatewayContext = app.settings["context"]
+        self.servers: list[HTTPServer] = []
+        self.ports: dict[str, int] = {}
+
+    def _listen(self, scheme: str, port: int, ssl_options: ssl.SSLContext | None) -> None:
+        server = HTTPServer(
+            self.app,
+            ssl_options=ssl_options,
+            max_body_size=max(DISCARD_BODY_LIMIT, self.settings.max_body_size),
+            idle_connection_timeout=KEEP_ALIVE_TIMEOUT,
+        )
+        # SO_REUSEPORT lets several PM2 instances share one port.
+        sockets = bind_sockets(port, self.settings.host, reuse_port=True)
+        server.add_sockets(sockets)
+        self.servers.append(server)
+        self.ports[scheme] = sockets[0].getsockname()[1]
+
+    def start(self) -> None:
+        self._listen("http", self.settings.http_port, None)
+        if self.settings.enable_ssl:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.settings.ssl_cert, self.settings.ssl_key)
+            self._listen("https", self.settings.https_port, context)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to DRAIN_TIMEOUT), then close."""
+        for server in self.servers:
+            server.stop()
+        in_flight = self.context.in_flight
+        in_flight.draining = True
+        log.info("draining %d in-flight request(s)", in_flight.count)
+        if not await in_flight.wait_idle(self.settings.drain_timeout):
+            log.warning("drain timeout: closing %d request(s) still in flight", in_flight.count)
+        for server in self.servers:
+            await server.close_all_connections()
+        self.context.upstream.close()
+
+
+def tell_pm2_ready() -> None:
+    """Send PM2 the `ready` message that `wait_ready` waits for, over Node's IPC channel."""
+    channel = os.environ.get("NODE_CHANNEL_FD")
+    if channel and channel.isdigit():
+        try:
+            os.write(int(channel), b'"ready"\n')
+        except OSError as error:
+            log.warning("could not tell PM2 we are ready: %s", error)
+
+
+async def start_emulator_settings(environ: Mapping[str, str]) -> tuple[AzureEmulator, Settings]:
+    key = secrets.token_urlsafe(24)
+    emulator = AzureEmulator(key=key, deployments=(EMULATOR_DEPLOYMENT,))
+    await emulator.start("127.0.0.1", 0)
+    settings = load_settings(
+        environ,
+        overrides={
+            "ENDPOINT": emulator.url,
+            "DEPLOYMENT_NAME": EMULATOR_DEPLOYMENT,
+            "API_VERSION": EMULATOR_API_VERSION,
+            "KEY": key,
+        },
+    )
+    return emulator, settings
+
+
+async def serve(args: argparse.Namespace) -> int:
+    emulator = None
+    try:
+        if args.emulator:
+            emulator, settings = await start_emulator_settings(os.environ)
+        else:
+            settings = load_settings(os.environ)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        print("Set these in the environment or in .env (see sample.env).", file=sys.stderr)
+        return 2
+
+    server = GatewayServer(make_app(settings), settings)
+    try:
+        server.start()
+    except OSError as error:
+        print(f"cannot listen: {error}", file=sys.stderr)
+        return 1
+    if emulator is not None:
+        print(
+            "*** EMULATOR MODE: answers are synthetic, made by the built-in Azure OpenAI "
+            f"emulator at {emulator.url}; no Azure account is used. ***",
+            flush=True,
+        )
+    for scheme, port in server.ports.items():
+        print(f"azure-gpt-api listening on {scheme}://{settings.host}:{port}", flush=True)
+    tell_pm2_ready()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown()
+    if emulator is not None:
+        await emulator.stop()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--emulator",
+        action="store_true",
+        help="serve answers from the built-in Azure OpenAI emulator (no Azure account needed)",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

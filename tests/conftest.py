@@ -1,0 +1,115 @@
+"""Fixtures: a real Azure emulator and a real gateway on 127.0.0.1 ephemeral ports."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+
+from gateway.config import Settings, load_settings
+from gateway.emulator import AzureEmulator
+from server import GatewayServer, make_app
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATOR_KEY = "emulator-secret-key-3f9a7c"
+DEPLOYMENT = "gpt-4o"
+API_VERSION = "2024-10-21"
+
+
+@pytest.fixture
+def emulator(io_loop: Any) -> Any:
+    emu = AzureEmulator(key=EMULATOR_KEY, deployments=(DEPLOYMENT, "other-deployment"))
+    io_loop.run_sync(lambda: emu.start("127.0.0.1", 0))
+    yield emu
+    io_loop.run_sync(emu.stop)
+
+
+@pytest.fixture
+def empty_env_file(tmp_path: Path) -> str:
+    """An env file with nothing in it, so a developer's own .env never leaks into a test."""
+    path = tmp_path / "empty.env"
+    path.write_text("")
+    return str(path)
+
+
+@pytest.fixture
+def settings_for(emulator: AzureEmulator, empty_env_file: str) -> Callable[..., Settings]:
+    def build(**env: str) -> Settings:
+        base = {
+            "ENV_FILE": empty_env_file,
+            "HOST": "127.0.0.1",
+            "HTTP_PORT": "0",
+            "ENDPOINT": emulator.url,
+            "DEPLOYMENT_NAME": DEPLOYMENT,
+            "API_VERSION": API_VERSION,
+            "KEY": EMULATOR_KEY,
+        }
+        base.update(env)
+        return load_settings(base)
+
+    return build
+
+
+@dataclass
+class RunningGateway:
+    server: GatewayServer
+    emulator: AzureEmulator
+    client: AsyncHTTPClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.ports['http']}"
+
+    async def post(self, path: str, body: Any, **kwargs: Any) -> HTTPResponse:
+        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return await self.client.fetch(
+            self.url + path,
+            method="POST",
+            body=data,
+            headers=headers,
+            raise_error=False,
+            **kwargs,
+        )
+
+    async def get(self, path: str, **kwargs: Any) -> HTTPResponse:
+        return await self.client.fetch(self.url + path, raise_error=False, **kwargs)
+
+
+@pytest.fixture
+def start_gateway(io_loop: Any, emulator: AzureEmulator, settings_for: Callable[..., Settings]):
+    """Start a gateway with extra settings; every one started is shut down after the test."""
+    started: list[GatewayServer] = []
+    client = AsyncHTTPClient(force_instance=True)
+
+    def start(**env: str) -> RunningGateway:
+        settings = settings_for(**env)
+        server = GatewayServer(make_app(settings), settings)
+        server.start()
+        started.append(server)
+        return RunningGateway(server, emulator, client)
+
+    yield start
+    client.close()
+    for server in started:
+        io_loop.run_sync(server.shutdown)
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
+    return start_gateway()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PYTHON = sys.executable

@@ -1,0 +1,41 @@
+"""The upstream body built from the original API's request."""
+
+from gateway.chat import build_gpt_chat_body
+
+
+def test_messages_in_the_original_order():
+    body = build_gpt_chat_body(
+        {"systemPrompt": "Be brief.", "prompt": "Hi", "assistantPrompt": "Hello!"}, {}
+    )
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+
+
+def test_user_prompt_alias_and_optional_roles_left_out():
+    body = build_gpt_chat_body({"userPrompt": "Hi", "systemPrompt": "", "assistantPrompt": None}, {})
+    assert body == {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+def test_request_value_then_default_then_omitted():
+    defaults = {"temperature": 0.2, "max_tokens": 30, "user": "team"}
+    body = build_gpt_chat_body({"prompt": "x", "temperature": 1.1, "stop": "END"}, defaults)
+    assert body == {
+        "messages": [{"role": "user", "content": "x"}],
+        "temperature": 1.1,
+        "stop": "END",
+        "max_tokens": 30,
+        "user": "team",
+    }
+
+
+def test_null_and_empty_fall_back_and_are_never_sent():
+    body = build_gpt_chat_body({"prompt": "x", "temperature": None, "user": ""}, {"temperature": 0.5})
+    assert body == {"messages": [{"role": "user", "content": "x"}], "temperature": 0.5}
+
+
+def test_zero_is_a_value_not_absence():
+    body = build_gpt_chat_body({"prompt": "x", "temperature": 0, "stream": False}, {"temperature": 1.0, "stream": True})
+    assert body["temperature"] == 0 and body["stream"] is False

@@ -1,0 +1,91 @@
+"""The upstream error table and the two error shapes."""
+
+import json
+
+import pycurl
+
+from gateway.errors import (
+    GatewayError,
+    map_transport_error,
+    map_upstream_status,
+    render_envelope,
+    render_openai_error,
+    retry_after_seconds,
+)
+
+CONTENT_FILTER = {
+    "error": {
+        "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
+        "type": None,
+        "param": "prompt",
+        "code": "content_filter",
+        "status": 400,
+        "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {"hate": {"filtered": True, "severity": "high"}}},
+    }
+}
+
+
+def test_retry_after_prefers_milliseconds_and_rounds_up():
+    assert retry_after_seconds({"retry-after-ms": "300", "retry-after": "9"}) == 1
+    assert retry_after_seconds({"retry-after-ms": "2500"}) == 3
+    assert retry_after_seconds({"retry-after": "6"}) == 6
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    assert retry_after_seconds({}) is None
+
+
+def test_429_stays_429_with_retry_after():
+    error = map_upstream_status(429, {"retry-after-ms": "1200"}, b'{"error":{"code":"429","message":"Rate limit. Please retry after 2 seconds."}}')
+    assert error.status == 429
+    assert error.headers == {"Retry-After": "2"}
+    assert render_envelope(error)["error"]["code"] == "429"
+    assert render_envelope(error)["message"] == "Rate limit. Please retry after 2 seconds."
+
+
+def test_content_filter_400_keeps_azure_error_object():
+    error = map_upstream_status(400, {}, json.dumps(CONTENT_FILTER).encode())
+    assert error.status == 400
+    assert render_envelope(error) == {
+        "success": 0,
+        "message": CONTENT_FILTER["error"]["message"],
+        "error": CONTENT_FILTER["error"],
+    }
+    assert render_openai_error(error) == {"error": CONTENT_FILTER["error"]}
+
+
+def test_our_misconfiguration_is_a_502_that_says_so():
+    for status in (401, 403, 404):
+        error = map_upstream_status(status, {}, b'{"error":{"code":"401","message":"Access denied"}}')
+        assert error.status == 502
+        assert error.code == "upstream_configuration"
+        assert "not a problem with your request" in error.message
+
+
+def test_server_errors_and_timeouts():
+    assert map_upstream_status(500, {}, b"oops").status == 502
+    assert map_upstream_status(503, {}, b"").status == 502
+    assert map_upstream_status(408, {}, b"").status == 504
+
+
+def test_other_4xx_keep_their_status():
+    error = map_upstream_status(413, {}, b'{"error":{"code":"too_large","message":"Too big"}}')
+    assert (error.status, error.code, error.message) == (413, "too_large", "Too big")
+
+
+def test_transport_errors():
+    refused = map_transport_error(pycurl.E_COULDNT_CONNECT, "Connection refused")
+    timed_out = map_transport_error(pycurl.E_OPERATION_TIMEDOUT, "Operation timed out")
+    assert (refused.status, refused.code) == (502, "upstream_unreachable")
+    assert (timed_out.status, timed_out.code) == (504, "upstream_timeout")
+
+
+def test_our_own_error_object():
+    error = GatewayError(400, "invalid_request", "Invalid request body: x", param="temperature", rule="maximum")
+    assert render_openai_error(error) == {
+        "error": {
+            "code": "invalid_request",
+            "message": "Invalid request body: x",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "rule": "maximum",
+        }
+    }
