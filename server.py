@@ -27,6 +27,7 @@ from gateway.upstream import UpstreamClient
 from gateway.validation import compile_validator, load_registry
 from handlers.base import NotFoundHandler
 from handlers.chat import GptChatHandler
+from handlers.openai import AzureChatHandler, ModelsHandler, OpenAIChatHandler
 from handlers.status import StatusHandler
 
 log = logging.getLogger("azure-gpt-api")
@@ -53,16 +54,20 @@ def make_app(settings: Settings) -> Application:
     context = GatewayContext(
         settings=settings,
         upstream=UpstreamClient(settings),
-        validators={"gpt_chat": compile_validator("gpt_chat.schema.json", registry)},
+        validators={
+            name: compile_validator(f"{name}.schema.json", registry)
+            for name in ("gpt_chat", "chat_completions")
+        },
     )
-    shared = {"context": context}
     return Application(
         [
-            (r"/v1/?", StatusHandler, shared),
-            (r"/v1/gpt/chat/?", GptChatHandler, shared),
+            (r"/v1/?", StatusHandler),
+            (r"/v1/gpt/chat/?", GptChatHandler),
+            (r"/v1/chat/completions", OpenAIChatHandler),
+            (r"/v1/models", ModelsHandler),
+            (r"/openai/deployments/([^/]+)/chat/completions", AzureChatHandler),
         ],
         default_handler_class=NotFoundHandler,
-        default_handler_args=shared,
         transforms=[JsonOnlyGzip],
         context=context,
     )

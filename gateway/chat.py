@@ -5,6 +5,25 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .config import PARAMETER_CASTS
+from .errors import GatewayError
+
+PROMPT_FIELDS = ("prompt", "userPrompt", "systemPrompt", "assistantPrompt")
+# Azure features the original did not have: sent as given, with no server default.
+PASSTHROUGH_FIELDS = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "logit_bias",
+    "response_format",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "max_completion_tokens",
+    "stream_options",
+    "data_sources",
+)
 
 
 def _given(value: Any) -> bool:
@@ -44,4 +63,22 @@ def merge_parameters(
 def build_gpt_chat_body(
     request: Mapping[str, Any], defaults: Mapping[str, Any]
 ) -> dict[str, Any]:
-    return {"messages": build_prompt_messages(request), **merge_parameters(request, defaults)}
+    """The upstream body: a conversation (`messages`, or one built from the prompt fields)
+    plus the parameters, defaults merged in."""
+    if "messages" in request:
+        mixed = [name for name in PROMPT_FIELDS if _given(request.get(name))]
+        if mixed:
+            raise GatewayError(
+                400,
+                "invalid_request",
+                "Invalid request body: give either 'messages' or the prompt fields, not both "
+                f"(found {', '.join(map(repr, mixed))} next to 'messages').",
+                param="messages",
+                rule="exclusive",
+            )
+        messages = request["messages"]
+    else:
+        messages = build_prompt_messages(request)
+    body = {"messages": messages, **merge_parameters(request, defaults)}
+    body.update((name, request[name]) for name in PASSTHROUGH_FIELDS if _given(request.get(name)))
+    return body

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from jsonschema import Draft202012Validator
 
-from .config import Settings
+from .config import Deployment, Settings
 from .upstream import UpstreamClient
 
 
@@ -44,3 +44,10 @@ class GatewayContext:
     upstream: UpstreamClient
     validators: dict[str, Draft202012Validator]
     in_flight: InFlight = field(default_factory=InFlight)
+
+    def deployment_for(self, model: str | None) -> Deployment:
+        """The deployment serving `model`; with one deployment, every model name maps to it."""
+        return self.settings.deployment
+
+    def model_names(self) -> list[str]:
+        return [self.settings.deployment.deployment]

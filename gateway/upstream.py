@@ -6,14 +6,14 @@ half the CPU. The curl client swallows exceptions raised from a
 `streaming_callback`, so aborting a transfer (caller gone, stream idle) goes
 through libcurl's progress function instead: once `UpstreamCall.abort` is
 called, the next progress tick (at least once a second, more often while data
-flows) tells libcurl to drop the connection.
+flows, and once a second while it waits) tells libcurl to drop the connection.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import pycurl
 from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
@@ -28,6 +28,8 @@ from .sse import EventFramer, is_done
 USER_AGENT = "azure-gpt-api"
 # Enough for any chat completion; it only guards against a runaway upstream.
 MAX_UPSTREAM_BODY = 256 * 1024 * 1024
+# LOW_SPEED_TIME (seconds) used only to wake the progress function each second.
+PROGRESS_WAKEUP_NEVER_TRIPS = 10**7
 # Error bodies are small JSON objects; keep no more than this of one.
 MAX_ERROR_BODY = 64 * 1024
 
@@ -38,6 +40,7 @@ class UpstreamCall:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.abort_reason: str | None = None
+        self.on_header_line: Callable[[bytes], None] | None = None
 
     def abort(self, reason: str) -> None:
         """Stop the transfer at libcurl's next progress tick."""
@@ -51,10 +54,21 @@ class UpstreamCall:
         # Handles are pooled, so every option set here is set on every request.
         curl.setopt(pycurl.NOPROGRESS, 0)
         curl.setopt(pycurl.XFERINFOFUNCTION, self._progress)
+        # libcurl calls the progress function only when it runs a transfer.
+        # A low-speed limit makes it re-check every transfer once a second,
+        # even one waiting on a silent upstream; the time is too long to
+        # ever trip (idleness is STREAM_IDLE_TIMEOUT's job).
+        curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+        curl.setopt(pycurl.LOW_SPEED_TIME, PROGRESS_WAKEUP_NEVER_TRIPS)
         # Tornado turns on VERBOSE when its curl logger is at DEBUG, which
         # would log the api-key request header.
         curl.setopt(pycurl.VERBOSE, 0)
         curl.setopt(pycurl.NOSIGNAL, 1)
+        if self.on_header_line is not None:
+            # Tornado hands header lines to a header_callback through the
+            # IOLoop, and they can arrive after the first body chunks; a
+            # relay must know the status before it forwards a single byte.
+            curl.setopt(pycurl.HEADERFUNCTION, self.on_header_line)
 
 
 @dataclass(frozen=True)
@@ -138,13 +152,9 @@ class UpstreamClient:
         after it, the failure goes to `sink.fail` as one last event.
         """
         relay = _StreamRelay(sink, call, self._settings.stream_idle_timeout)
+        call.on_header_line = relay.on_header_line
         request = self.build_request(
-            deployment,
-            body,
-            call,
-            stream=True,
-            header_callback=relay.on_header_line,
-            streaming_callback=relay.on_chunk,
+            deployment, body, call, stream=True, streaming_callback=relay.on_chunk
         )
         transport_error: CurlError | None = None
         relay.arm_idle_timer()
@@ -173,8 +183,9 @@ class _StreamRelay:
         self.last_activity = time.monotonic()
         self._idle_handle: object | None = None
 
-    def on_header_line(self, line: str) -> None:
-        line = line.rstrip("\r\n")
+    def on_header_line(self, raw: bytes) -> None:
+        """libcurl HEADERFUNCTION: runs inside libcurl, so it only records."""
+        line = raw.decode("latin1").rstrip("\r\n")
         if line.startswith("HTTP/"):
             self.status = parse_response_start_line(line).code
             self.headers = HTTPHeaders()

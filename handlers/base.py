@@ -29,8 +29,11 @@ CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 class BaseHandler(RequestHandler):
     """Headers and the error body for the original API's `{"success": ...}` family."""
 
-    def initialize(self, context: GatewayContext) -> None:
-        self.context = context
+    @property
+    def context(self) -> GatewayContext:
+        # From the application, not initialize(): set_default_headers needs it
+        # and Tornado calls that before initialize().
+        return self.application.settings["context"]
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")
@@ -141,8 +144,9 @@ class JsonBodyHandler(BaseHandler):
                 f"Content-Type {media_type or '(empty)'} is not supported; "
                 "send the body as application/json.",
             )
+        self.raw_body = b"".join(self._chunks)
         try:
-            body = json.loads(b"".join(self._chunks))
+            body = json.loads(self.raw_body)
         except (ValueError, UnicodeDecodeError) as error:
             raise GatewayError(
                 400, "invalid_json", f"The request body is not valid JSON ({error})."

@@ -10,6 +10,7 @@ from typing import Any
 from tornado.httputil import HTTPHeaders
 
 from gateway.chat import build_gpt_chat_body
+from gateway.config import Deployment
 from gateway.errors import GatewayError, render_envelope
 from gateway.sse import encode_event
 from gateway.upstream import UpstreamCall, UpstreamResponse
@@ -46,12 +47,10 @@ class ChatProxyHandler(JsonBodyHandler):
             self.call.abort("client_gone")
         self.on_finish()
 
-    async def relay(self, body: dict[str, Any]) -> None:
-        """Send `body` to Azure and relay the answer in this route's shape."""
+    async def relay(self, payload: bytes, *, stream: bool, deployment: Deployment) -> None:
+        """Send `payload` to Azure and relay the answer in this route's shape."""
         self.call = UpstreamCall(self.request_id)
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        deployment = self.context.settings.deployment
-        if body.get("stream"):
+        if stream:
             await self.context.upstream.stream(deployment, payload, self.call, self)
             if self.call.abort_reason != "client_gone":
                 self.finish()
@@ -94,7 +93,12 @@ class GptChatHandler(ChatProxyHandler):
     async def post(self) -> None:
         request = self.json_body()
         validate_body(self.context.validators["gpt_chat"], request)
-        await self.relay(build_gpt_chat_body(request, self.context.settings.parameter_defaults))
+        body = build_gpt_chat_body(request, self.context.settings.parameter_defaults)
+        await self.relay(
+            json.dumps(body, separators=(",", ":")).encode(),
+            stream=bool(body.get("stream")),
+            deployment=self.context.settings.deployment,
+        )
 
     def write_completion(self, response: UpstreamResponse) -> None:
         self.write_json({"success": 1, **json.loads(response.body)})

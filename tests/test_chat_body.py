@@ -1,6 +1,9 @@
 """The upstream body built from the original API's request."""
 
+import pytest
+
 from gateway.chat import build_gpt_chat_body
+from gateway.errors import GatewayError
 
 
 def test_messages_in_the_original_order():
@@ -39,3 +42,32 @@ def test_null_and_empty_fall_back_and_are_never_sent():
 def test_zero_is_a_value_not_absence():
     body = build_gpt_chat_body({"prompt": "x", "temperature": 0, "stream": False}, {"temperature": 1.0, "stream": True})
     assert body["temperature"] == 0 and body["stream"] is False
+
+
+def test_messages_replace_the_prompt_fields_and_features_pass_through():
+    conversation = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    body = build_gpt_chat_body(
+        {"messages": conversation, "tools": tools, "tool_choice": "auto", "seed": 0, "logit_bias": None},
+        {"temperature": 0.4},
+    )
+    assert body == {
+        "messages": conversation,
+        "temperature": 0.4,
+        "tools": tools,
+        "tool_choice": "auto",
+        "seed": 0,
+    }
+
+
+def test_messages_and_a_prompt_together_are_refused():
+    with pytest.raises(GatewayError) as caught:
+        build_gpt_chat_body({"messages": [{"role": "user", "content": "a"}], "prompt": "b"}, {})
+    assert caught.value.status == 400
+    assert caught.value.param == "messages"
+    assert "not both" in caught.value.message and "'prompt'" in caught.value.message

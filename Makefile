@@ -1,0 +1,24 @@
+# The two Quickstart commands: `make start` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install start test
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+start: install
+	@if [ -f "$${ENV_FILE:-.env}" ] || [ -n "$$ENDPOINT" ]; then \
+		exec $(PY) server.py; \
+	else \
+		echo "No .env found: starting with the built-in Azure OpenAI emulator (synthetic answers)"; \
+		echo "on port $${HTTP_PORT:-8080}. Copy sample.env to .env and fill it in to use Azure."; \
+		HTTP_PORT=$${HTTP_PORT:-8080} exec $(PY) server.py --emulator; \
+	fi
+
+test: install
+	$(PY) -m pytest

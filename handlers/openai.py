@@ -1,0 +1,77 @@
+"""Routes shaped like OpenAI's and Azure's own, so the official SDKs work unchanged.
+
+The caller's body goes upstream byte for byte once it has passed the schema,
+and Azure's JSON or event bytes come back unchanged: no `success` field,
+errors in the `{"error": {...}}` shape the SDKs parse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import GatewayError, render_openai_error
+from gateway.upstream import UpstreamResponse
+from gateway.validation import validate_body
+
+from .base import BaseHandler
+from .chat import ChatProxyHandler
+
+
+class OpenAIErrorsMixin:
+    """Errors in OpenAI's shape, for every route of this family."""
+
+    def render_error(self, error: GatewayError) -> dict[str, Any]:
+        return render_openai_error(error)
+
+
+class OpenAIChatHandler(OpenAIErrorsMixin, ChatProxyHandler):
+    """POST /v1/chat/completions: `model` picks the deployment."""
+
+    async def post(self) -> None:
+        request = self.json_body()
+        await self.relay_request(request, request.get("model"))
+
+    async def relay_request(self, request: dict[str, Any], model: Any) -> None:
+        validate_body(self.context.validators["chat_completions"], request)
+        deployment = self.context.deployment_for(model if isinstance(model, str) else None)
+        await self.relay(self.raw_body, stream=bool(request.get("stream")), deployment=deployment)
+
+    def write_completion(self, response: UpstreamResponse) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(response.body)
+
+    def stream_error_payload(self, error: GatewayError) -> dict[str, Any]:
+        return render_openai_error(error)
+
+
+class AzureChatHandler(OpenAIChatHandler):
+    """POST /openai/deployments/{deployment}/chat/completions?api-version=...
+
+    What `AzureOpenAI(azure_endpoint=<this server>)` calls. The SDK leaves
+    `model` in the body too; Azure ignores it, and so do we.
+    """
+
+    async def post(self, deployment: str) -> None:  # type: ignore[override]
+        if not self.get_query_argument("api-version", ""):
+            raise GatewayError(
+                404,
+                "404",
+                "Resource not found: the api-version query parameter is required.",
+                param="api-version",
+            )
+        await self.relay_request(self.json_body(), deployment)
+
+
+class ModelsHandler(OpenAIErrorsMixin, BaseHandler):
+    """GET /v1/models: the deployments this server serves, in OpenAI's list shape."""
+
+    def get(self) -> None:
+        self.write_json(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "azure-gpt-api"}
+                    for name in self.context.model_names()
+                ],
+            }
+        )

@@ -1,0 +1,162 @@
+"""server.py as a user runs it: start-up errors, the emulator banner, HTTPS, SIGTERM drain."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from .conftest import PYTHON, ROOT, free_port
+
+STARTUP_TIMEOUT = 20.0
+
+
+def server_env(tmp_path, **extra: str) -> dict[str, str]:
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    return {"PATH": os.environ["PATH"], "ENV_FILE": str(env_file), "HOST": "127.0.0.1", **extra}
+
+
+class ServerProcess:
+    """server.py in a child process, with its output read as it comes."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "server.py", *args], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.output = ""
+        self._seen = 0
+
+    def wait_for(self, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
+        """The first match of `pattern` in output not yet matched, within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while True:
+                match = re.compile(pattern).search(self.output, self._seen)
+                if match:
+                    self._seen = match.end()
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    break
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                self.output += chunk.decode()
+        raise AssertionError(f"no output matching {pattern!r} in:\n{self.output}")
+
+    def finish(self, timeout: float = STARTUP_TIMEOUT) -> str:
+        remaining, _ = self.proc.communicate(timeout=timeout)
+        self.output += remaining.decode()
+        return self.output
+
+
+@pytest.fixture
+def spawn():
+    started: list[ServerProcess] = []
+
+    def start(env: dict[str, str], *args: str) -> ServerProcess:
+        started.append(ServerProcess(env, *args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.wait(10)
+        server.proc.stdout.close()
+
+
+def test_incomplete_settings_exit_2_naming_each_problem(tmp_path, spawn):
+    secret = "do-not-print-this-key-4242"
+    server = spawn(server_env(tmp_path, KEY=secret, temperature="abc", ENABLE_SSL="maybe"))
+    output = server.finish()
+    assert server.proc.returncode == 2
+    assert "config error: ENDPOINT: is required" in output
+    assert "config error: DEPLOYMENT_NAME: is required" in output
+    assert "config error: temperature: must be a number from 0 to 2" in output
+    assert "config error: ENABLE_SSL: must be true or false" in output
+    assert secret not in output
+
+
+def test_emulator_mode_says_so_and_answers(tmp_path, spawn):
+    port = free_port()
+    server = spawn(server_env(tmp_path, HTTP_PORT=str(port)), "--emulator")
+    server.wait_for(r"listening on http://")
+    assert "EMULATOR MODE: answers are synthetic" in server.output
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/gpt/chat", data=json.dumps({"prompt": "ping"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["success"] == 1
+    assert body["choices"][0]["message"]["content"] == "You said: ping"
+
+
+def test_sigterm_lets_an_inflight_stream_finish_then_exits_0(tmp_path, spawn):
+    port = free_port()
+    server = spawn(server_env(tmp_path, HTTP_PORT=str(port), DRAIN_TIMEOUT="20"), "--emulator")
+    match = server.wait_for(r"emulator at (http://127\.0\.0\.1:\d+)")
+    server.wait_for(r"listening on http://")
+    fault = urllib.request.Request(
+        match.group(1) + "/_emulator/faults", data=json.dumps({"chunk_gap": 0.1}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(fault, timeout=10).close()
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    connection.request(
+        "POST", "/v1/gpt/chat", body=json.dumps({"prompt": "one two three four five six", "stream": True}),
+        headers={"Content-Type": "application/json"},
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    first = response.readline()
+    assert first.startswith(b"data: ")
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for(r"draining 1 in-flight")
+
+    with pytest.raises(ConnectionRefusedError):
+        http.client.HTTPConnection("127.0.0.1", port, timeout=5).connect()
+    rest = response.read()
+    assert rest.rstrip().endswith(b"data: [DONE]")
+    assert server.proc.wait(STARTUP_TIMEOUT) == 0
+    connection.close()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.gen_test
+async def test_https_serves_with_the_given_certificate_and_hsts(start_gateway, certificate):
+    cert, key = certificate
+    gateway = start_gateway(ENABLE_SSL="true", HTTPS_PORT="0", SSL_CERT=cert, SSL_KEY=key)
+    url = f"https://127.0.0.1:{gateway.server.ports['https']}"
+    status = await gateway.client.fetch(url + "/v1", ca_certs=cert)
+    assert json.loads(status.body)["message"] == "GPT API: OK"
+    assert status.headers["Strict-Transport-Security"].startswith("max-age=")
+    chat = await gateway.client.fetch(
+        url + "/v1/gpt/chat", method="POST", body=json.dumps({"prompt": "secure"}),
+        headers={"Content-Type": "application/json"}, ca_certs=cert,
+    )
+    assert json.loads(chat.body)["choices"][0]["message"]["content"] == "You said: secure"
