@@ -23,6 +23,7 @@ from tornado.web import Application, GZipContentEncoding
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.context import GatewayContext
 from gateway.emulator import AzureEmulator
+from gateway.routing import DeploymentPool, Failover
 from gateway.upstream import UpstreamClient
 from gateway.validation import compile_validator, load_registry
 from handlers.base import NotFoundHandler
@@ -51,9 +52,14 @@ class JsonOnlyGzip(GZipContentEncoding):
 def make_app(settings: Settings) -> Application:
     """Build the application and everything its handlers share."""
     registry = load_registry()
+    pool = DeploymentPool(settings.deployments)
     context = GatewayContext(
         settings=settings,
         upstream=UpstreamClient(settings),
+        pool=pool,
+        failover=Failover(
+            pool, max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait
+        ),
         validators={
             name: compile_validator(f"{name}.schema.json", registry)
             for name in ("gpt_chat", "chat_completions")

@@ -23,9 +23,12 @@ DEFAULT_HTTP_PORT = 80
 DEFAULT_HTTPS_PORT = 443
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 DEFAULT_MAX_CLIENTS = 1000
-DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_FIRST_BYTE_TIMEOUT = 60.0
 DEFAULT_REQUEST_TIMEOUT = 600.0
-DEFAULT_STREAM_IDLE_TIMEOUT = 120.0
+DEFAULT_STREAM_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MAX_RETRY_WAIT = 10.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_CORS_ORIGINS = ("*",)
 
@@ -68,10 +71,13 @@ class Secret:
 class Deployment:
     """One Azure OpenAI deployment the gateway sends requests to."""
 
+    name: str
     endpoint: str
     deployment: str
     api_version: str
     key: Secret
+    weight: float = 1.0
+    models: tuple[str, ...] = ()
 
     @property
     def chat_url(self) -> str:
@@ -80,12 +86,16 @@ class Deployment:
             f"/chat/completions?api-version={self.api_version}"
         )
 
+    def serves(self, model: str) -> bool:
+        """True if a caller asking for `model` may be sent here."""
+        return model in (self.name, self.deployment, *self.models)
+
 
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs, cast and checked."""
 
-    deployment: Deployment
+    deployments: tuple[Deployment, ...]
     host: str = DEFAULT_HOST
     http_port: int = DEFAULT_HTTP_PORT
     https_port: int = DEFAULT_HTTPS_PORT
@@ -96,8 +106,11 @@ class Settings:
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     max_clients: int = DEFAULT_MAX_CLIENTS
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
 
@@ -137,6 +150,16 @@ def _seconds(raw: str) -> float:
         raise ValueError("must be a number of seconds > 0") from None
     if value <= 0:
         raise ValueError("must be a number of seconds > 0")
+    return value
+
+
+def _non_negative_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds >= 0") from None
+    if value < 0:
+        raise ValueError("must be a number of seconds >= 0")
     return value
 
 
@@ -205,8 +228,11 @@ _SERVER_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType
         "MAX_BODY_SIZE": ("max_body_size", _integer(1)),
         "MAX_CLIENTS": ("max_clients", _integer(1)),
         "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
+        "FIRST_BYTE_TIMEOUT": ("first_byte_timeout", _seconds),
         "REQUEST_TIMEOUT": ("request_timeout", _seconds),
         "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _seconds),
+        "MAX_ATTEMPTS": ("max_attempts", _integer(1, 10)),
+        "MAX_RETRY_WAIT": ("max_retry_wait", _non_negative_seconds),
         "DRAIN_TIMEOUT": ("drain_timeout", _seconds),
         "CORS_ORIGINS": ("cors_origins", _origins),
     }
@@ -256,10 +282,25 @@ def load_settings(
         return out
 
     server = cast_all(_SERVER_CASTS)
-    deployment = cast_all(_DEPLOYMENT_CASTS)
-    for variable, (attribute, _) in _DEPLOYMENT_CASTS.items():
-        if variable not in values:
-            problems.append(f"{variable}: is required")
+    deployments: tuple[Deployment, ...] = ()
+    if "DEPLOYMENTS_FILE" in values:
+        # Imported here: the deployments module builds on this one.
+        from .deployments import load_deployments, read_yaml
+
+        try:
+            deployments = load_deployments(read_yaml(values["DEPLOYMENTS_FILE"]), values)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    else:
+        single = cast_all(_DEPLOYMENT_CASTS)
+        missing = [variable for variable in _DEPLOYMENT_CASTS if variable not in values]
+        problems.extend(
+            f"{variable}: is required (or set DEPLOYMENTS_FILE)" for variable in missing
+        )
+        if not missing and len(single) == len(_DEPLOYMENT_CASTS):
+            deployments = (
+                Deployment(name=single["deployment"], models=(single["deployment"],), **single),
+            )
 
     defaults: dict[str, Any] = {}
     for name, cast in PARAMETER_CASTS.items():
@@ -277,7 +318,7 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return Settings(
-        deployment=Deployment(**deployment),
+        deployments=deployments,
         parameter_defaults=MappingProxyType(defaults),
         **server,
     )

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from jsonschema import Draft202012Validator
 
-from .config import Deployment, Settings
+from .config import Settings
+from .routing import DeploymentPool, Failover
 from .upstream import UpstreamClient
 
 
@@ -43,11 +44,6 @@ class GatewayContext:
     settings: Settings
     upstream: UpstreamClient
     validators: dict[str, Draft202012Validator]
+    pool: DeploymentPool
+    failover: Failover
     in_flight: InFlight = field(default_factory=InFlight)
-
-    def deployment_for(self, model: str | None) -> Deployment:
-        """The deployment serving `model`; with one deployment, every model name maps to it."""
-        return self.settings.deployment
-
-    def model_names(self) -> list[str]:
-        return [self.settings.deployment.deployment]

@@ -18,6 +18,9 @@ from typing import Any, Mapping
 
 import pycurl
 
+# Upstream statuses that another attempt (another deployment, or later) may fix.
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
 
 class GatewayError(Exception):
     """An expected failure: the status, headers and error object the caller gets."""
@@ -34,6 +37,9 @@ class GatewayError(Exception):
         headers: Mapping[str, str] | None = None,
         upstream_error: Mapping[str, Any] | None = None,
         upstream_status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        upstream_headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -45,6 +51,12 @@ class GatewayError(Exception):
         self.headers = dict(headers or {})
         self.upstream_error = dict(upstream_error) if upstream_error else None
         self.upstream_status = upstream_status
+        # For failover: may another deployment be tried, and how long should
+        # this one rest (None: let the backoff decide)?
+        self.retryable = retryable
+        self.retry_after = retry_after
+        # Azure's response headers, for the request-id headers the caller gets.
+        self.upstream_headers = upstream_headers
 
     def error_object(self) -> dict[str, Any]:
         """The `error` member: Azure's own object when the failure is Azure's, else ours."""
@@ -83,8 +95,8 @@ def render_openai_error(error: GatewayError) -> dict[str, Any]:
     return {"error": body}
 
 
-def retry_after_seconds(headers: Mapping[str, str]) -> int | None:
-    """Whole seconds to wait, from Azure's `retry-after-ms` (preferred) or `retry-after`."""
+def retry_after_delay(headers: Mapping[str, str]) -> float | None:
+    """Seconds Azure asks us to wait: `retry-after-ms` (preferred) or `retry-after`."""
     for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         raw = headers.get(name)
         if raw is None:
@@ -93,8 +105,15 @@ def retry_after_seconds(headers: Mapping[str, str]) -> int | None:
             value = float(raw) / scale
         except ValueError:
             continue
-        return max(1, math.ceil(value))
+        if value >= 0:
+            return value
     return None
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> int | None:
+    """The same wait in whole seconds, rounded up, for a Retry-After header."""
+    delay = retry_after_delay(headers)
+    return None if delay is None else max(1, math.ceil(delay))
 
 
 def _parse_error_object(body: bytes) -> dict[str, Any] | None:
@@ -120,6 +139,9 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
             headers={"Retry-After": str(wait)} if wait is not None else None,
             upstream_error=upstream,
             upstream_status=status,
+            upstream_headers=headers,
+            retryable=True,
+            retry_after=retry_after_delay(headers),
         )
     if status in (401, 403, 404):
         return GatewayError(
@@ -128,6 +150,7 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
             f"Azure OpenAI answered {status}: the gateway's key, endpoint or deployment "
             "is misconfigured. This is not a problem with your request.",
             upstream_status=status,
+            upstream_headers=headers,
         )
     if status == 408:
         return GatewayError(
@@ -135,6 +158,9 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
             "upstream_timeout",
             "Azure OpenAI timed out processing the request.",
             upstream_status=status,
+            upstream_headers=headers,
+            retryable=True,
+            retry_after=retry_after_delay(headers),
         )
     if status >= 500 or status < 400:
         return GatewayError(
@@ -143,6 +169,9 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
             f"Azure OpenAI failed with status {status}"
             + (f": {upstream_message}" if upstream_message else "."),
             upstream_status=status,
+            upstream_headers=headers,
+            retryable=status in RETRYABLE_STATUSES,
+            retry_after=retry_after_delay(headers),
         )
     return GatewayError(
         status,
@@ -151,6 +180,7 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
         param=(upstream or {}).get("param"),
         upstream_error=upstream,
         upstream_status=status,
+        upstream_headers=headers,
     )
 
 
@@ -161,8 +191,14 @@ def map_transport_error(errno: int | None, description: str) -> GatewayError:
     """Turn a failure to talk to Azure at all (refused, reset, timed out) into 502/504."""
     if errno in _TIMEOUT_ERRNOS:
         return GatewayError(
-            504, "upstream_timeout", f"Azure OpenAI did not answer in time ({description})."
+            504,
+            "upstream_timeout",
+            f"Azure OpenAI did not answer in time ({description}).",
+            retryable=True,
         )
     return GatewayError(
-        502, "upstream_unreachable", f"Could not reach Azure OpenAI ({description})."
+        502,
+        "upstream_unreachable",
+        f"Could not reach Azure OpenAI ({description}).",
+        retryable=True,
     )

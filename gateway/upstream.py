@@ -2,15 +2,19 @@
 
 Uses Tornado's curl `AsyncHTTPClient`: it keeps upstream connections alive
 (the simple client opens a new TCP+TLS connection per request) and costs about
-half the CPU. The curl client swallows exceptions raised from a
-`streaming_callback`, so aborting a transfer (caller gone, stream idle) goes
-through libcurl's progress function instead: once `UpstreamCall.abort` is
-called, the next progress tick (at least once a second, more often while data
-flows, and once a second while it waits) tells libcurl to drop the connection.
+half the CPU.
+
+Aborting (caller gone, first-byte or idle timeout): the curl client swallows
+exceptions raised from a `streaming_callback`, so `UpstreamCall.abort` sets a
+flag that libcurl's progress function reports at its next tick (often while
+data flows, once a second while it waits), which drops the connection. The
+caller's side does not wait for that: `abort` also resolves a future the
+exchange is waiting on, so the answer (or the retry) goes out at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -35,17 +39,19 @@ MAX_ERROR_BODY = 64 * 1024
 
 
 class UpstreamCall:
-    """One request to Azure that its owner can abort while it runs."""
+    """One attempt at a request to Azure, which its owner can abort while it runs."""
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.abort_reason: str | None = None
+        self.aborted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.on_header_line: Callable[[bytes], None] | None = None
 
     def abort(self, reason: str) -> None:
-        """Stop the transfer at libcurl's next progress tick."""
+        """Give up on this attempt now; libcurl drops the transfer at its next progress tick."""
         if self.abort_reason is None:
             self.abort_reason = reason
+            self.aborted.set_result(reason)
 
     def _progress(self, *_counts: int) -> int:
         return 1 if self.abort_reason else 0
@@ -129,18 +135,38 @@ class UpstreamClient:
             **callbacks,
         )
 
+    async def _exchange(self, request: HTTPRequest, call: UpstreamCall) -> object:
+        """Fetch, or stop waiting as soon as the call is aborted.
+
+        Returns the HTTPResponse, a CurlError for a transport failure, or None
+        when the call was aborted first (the transfer then ends in the
+        background at libcurl's next progress tick).
+        """
+        fetch = asyncio.ensure_future(self._http.fetch(request, raise_error=False))
+        await asyncio.wait({fetch, call.aborted}, return_when=asyncio.FIRST_COMPLETED)
+        if not fetch.done():
+            fetch.add_done_callback(_discard_outcome)
+            return None
+        error = fetch.exception()
+        if isinstance(error, CurlError):
+            return None if call.abort_reason else error
+        return fetch.result()
+
     async def complete(
         self, deployment: Deployment, body: bytes, call: UpstreamCall
-    ) -> UpstreamResponse:
-        """Send a non-stream request; raise GatewayError for anything but a 200."""
-        request = self.build_request(deployment, body, call, stream=False)
-        try:
-            response = await self._http.fetch(request, raise_error=False)
-        except CurlError as error:
-            raise map_transport_error(error.errno, error.message) from None
-        if response.code != 200:
-            raise map_upstream_status(response.code, response.headers, response.body or b"")
-        return UpstreamResponse(response.code, response.headers, response.body)
+    ) -> UpstreamResponse | None:
+        """Send a non-stream request; raise GatewayError for anything but a 200.
+
+        None means the call was aborted (the caller went away).
+        """
+        outcome = await self._exchange(self.build_request(deployment, body, call, stream=False), call)
+        if outcome is None:
+            return None
+        if isinstance(outcome, CurlError):
+            raise map_transport_error(outcome.errno, outcome.message)
+        if outcome.code != 200:
+            raise map_upstream_status(outcome.code, outcome.headers, outcome.body or b"")
+        return UpstreamResponse(outcome.code, outcome.headers, outcome.body)
 
     async def stream(
         self, deployment: Deployment, body: bytes, call: UpstreamCall, sink: StreamSink
@@ -148,31 +174,39 @@ class UpstreamClient:
         """Relay Azure's stream to `sink` event by event, the moment each arrives.
 
         Before the first event reaches the caller a failure is raised as
-        GatewayError (the handler answers with a normal error response);
-        after it, the failure goes to `sink.fail` as one last event.
+        GatewayError (the handler answers with a normal error response, or
+        fails over); after it, the failure goes to `sink.fail` as one last event.
         """
-        relay = _StreamRelay(sink, call, self._settings.stream_idle_timeout)
+        relay = _StreamRelay(
+            sink, call, self._settings.first_byte_timeout, self._settings.stream_idle_timeout
+        )
         call.on_header_line = relay.on_header_line
         request = self.build_request(
             deployment, body, call, stream=True, streaming_callback=relay.on_chunk
         )
-        transport_error: CurlError | None = None
-        relay.arm_idle_timer()
+        relay.arm_timer()
         try:
-            await self._http.fetch(request, raise_error=False)
-        except CurlError as error:
-            transport_error = error
+            outcome = await self._exchange(request, call)
         finally:
-            relay.disarm_idle_timer()
-        relay.finish(transport_error)
+            relay.disarm_timer()
+        relay.finish(outcome if isinstance(outcome, CurlError) else None)
+
+
+def _discard_outcome(fetch: asyncio.Future) -> None:
+    # The abandoned transfer ends with "aborted by callback"; nobody reads it.
+    if not fetch.cancelled():
+        fetch.exception()
 
 
 class _StreamRelay:
     """The per-stream state behind `UpstreamClient.stream`."""
 
-    def __init__(self, sink: StreamSink, call: UpstreamCall, idle_timeout: float) -> None:
+    def __init__(
+        self, sink: StreamSink, call: UpstreamCall, first_byte_timeout: float, idle_timeout: float
+    ) -> None:
         self.sink = sink
         self.call = call
+        self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.status: int | None = None
         self.headers = HTTPHeaders()
@@ -180,11 +214,12 @@ class _StreamRelay:
         self.framer = EventFramer()
         self.started = False
         self.done = False
-        self.last_activity = time.monotonic()
-        self._idle_handle: object | None = None
+        self.started_at = self.last_activity = time.monotonic()
+        self._timer: object | None = None
 
     def on_header_line(self, raw: bytes) -> None:
         """libcurl HEADERFUNCTION: runs inside libcurl, so it only records."""
+        self.last_activity = time.monotonic()
         line = raw.decode("latin1").rstrip("\r\n")
         if line.startswith("HTTP/"):
             self.status = parse_response_start_line(line).code
@@ -208,22 +243,28 @@ class _StreamRelay:
                 self.done = True
             self.sink.send(event)
 
-    def arm_idle_timer(self) -> None:
-        self._idle_handle = IOLoop.current().call_later(self.idle_timeout, self._check_idle)
+    def arm_timer(self) -> None:
+        self._timer = IOLoop.current().call_later(
+            min(self.first_byte_timeout, self.idle_timeout), self._check_timeouts
+        )
 
-    def disarm_idle_timer(self) -> None:
-        if self._idle_handle is not None:
-            IOLoop.current().remove_timeout(self._idle_handle)
-            self._idle_handle = None
+    def disarm_timer(self) -> None:
+        if self._timer is not None:
+            IOLoop.current().remove_timeout(self._timer)
+            self._timer = None
 
-    def _check_idle(self) -> None:
-        # One timer re-armed for the remaining time, rather than a new timer per chunk.
-        remaining = self.last_activity + self.idle_timeout - time.monotonic()
-        if remaining > 0:
-            self._idle_handle = IOLoop.current().call_later(remaining, self._check_idle)
+    def _check_timeouts(self) -> None:
+        # One timer re-armed for the nearest deadline, rather than a new timer per chunk.
+        now = time.monotonic()
+        if self.status is None:
+            reason, remaining = "first_byte_timeout", self.started_at + self.first_byte_timeout - now
         else:
-            self._idle_handle = None
-            self.call.abort("idle")
+            reason, remaining = "idle", self.last_activity + self.idle_timeout - now
+        if remaining > 0:
+            self._timer = IOLoop.current().call_later(remaining, self._check_timeouts)
+        else:
+            self._timer = None
+            self.call.abort(reason)
 
     def finish(self, transport_error: CurlError | None) -> None:
         error = self._outcome(transport_error)
@@ -238,6 +279,13 @@ class _StreamRelay:
         reason = self.call.abort_reason
         if reason == "client_gone":
             return None
+        if reason == "first_byte_timeout":
+            return GatewayError(
+                504,
+                "upstream_timeout",
+                f"Azure OpenAI sent no response headers within {self.first_byte_timeout:g} s.",
+                retryable=True,
+            )
         if reason == "idle":
             return GatewayError(
                 504,

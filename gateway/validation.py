@@ -41,9 +41,14 @@ def validate_body(validator: Draft202012Validator, body: Any) -> None:
     error = best_match(validator.iter_errors(body))
     if error is None:
         return
-    param, rule, message = describe(error)
+    param, rule, predicate = describe(error)
+    where = field_path(error.absolute_path) or "the body"
     raise GatewayError(
-        400, "invalid_request", f"Invalid request body: {message}", param=param or None, rule=rule
+        400,
+        "invalid_request",
+        f"Invalid request body: {where} {predicate}",
+        param=param or None,
+        rule=rule,
     )
 
 
@@ -56,14 +61,13 @@ def field_path(parts: Iterable[Any]) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value)
+    text = json.dumps(value, default=str)
     return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
 
 
 def describe(error: ValidationError) -> tuple[str, str, str]:
-    """(field path, rule keyword, readable sentence) for one validation error."""
+    """(field path, rule keyword, predicate) for one error: ("temperature", "maximum", "must be <= 2 (got 3)")."""
     path = field_path(error.absolute_path)
-    where = path or "the body"
     rule = str(error.validator)
     limit = error.validator_value
     if rule == "additionalProperties":
@@ -73,17 +77,19 @@ def describe(error: ValidationError) -> tuple[str, str, str]:
         return (
             field_path([*error.absolute_path, unknown[0]]),
             rule,
-            f"unknown field {names} in {where} (check the spelling)",
+            f"has unknown field {names} (check the spelling)",
         )
     if rule == "required":
         missing = [name for name in limit if name not in error.instance]
-        return field_path([*error.absolute_path, missing[0]]), rule, (
-            f"{where} is missing the required field {missing[0]!r}"
+        return (
+            field_path([*error.absolute_path, missing[0]]),
+            rule,
+            f"is missing the required field {missing[0]!r}",
         )
     if rule in ("anyOf", "oneOf") and _alternatives_are_required(error):
         names = [sub["required"][0] for sub in limit]
-        return path, "required", f"{where} needs one of the fields {', '.join(map(repr, names))}"
-    sentences = {
+        return path, "required", f"needs one of the fields {', '.join(map(repr, names))}"
+    predicates = {
         "minimum": f"must be >= {limit}",
         "maximum": f"must be <= {limit}",
         "exclusiveMinimum": f"must be > {limit}",
@@ -97,8 +103,8 @@ def describe(error: ValidationError) -> tuple[str, str, str]:
         "const": f"must be {json.dumps(limit)}",
         "pattern": f"must match the pattern {limit}",
     }
-    sentence = sentences.get(rule) or f"fails the rule {rule!r}"
-    return path, rule, f"{where} {sentence} (got {_shown(error.instance)})"
+    predicate = predicates.get(rule) or f"fails the rule {rule!r}"
+    return path, rule, f"{predicate} (got {_shown(error.instance)})"
 
 
 def _alternatives_are_required(error: ValidationError) -> bool:

@@ -25,9 +25,13 @@ RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
 
 
 class ChatProxyHandler(JsonBodyHandler):
-    """Shared by every chat route: one upstream call, streamed or not, cancelled if the caller leaves."""
+    """Shared by every chat route: upstream attempts with failover, streamed or not,
+    stopped if the caller leaves."""
 
     call: UpstreamCall | None = None
+    deployment: Deployment | None = None
+    caller_gone = False
+    attempts = 0
 
     def prepare(self) -> None:
         super().prepare()
@@ -43,21 +47,52 @@ class ChatProxyHandler(JsonBodyHandler):
             self.context.in_flight.leave()
 
     def on_connection_close(self) -> None:
+        self.caller_gone = True
         if self.call is not None:
             self.call.abort("client_gone")
         self.on_finish()
 
-    async def relay(self, payload: bytes, *, stream: bool, deployment: Deployment) -> None:
-        """Send `payload` to Azure and relay the answer in this route's shape."""
-        self.call = UpstreamCall(self.request_id)
-        if stream:
-            await self.context.upstream.stream(deployment, payload, self.call, self)
-            if self.call.abort_reason != "client_gone":
-                self.finish()
-        else:
-            response = await self.context.upstream.complete(deployment, payload, self.call)
+    def unknown_model(self, model: str | None) -> GatewayError:
+        return GatewayError(
+            404, "model_not_found", f"No deployment serves the model {model!r}.", param="model"
+        )
+
+    async def relay(self, payload: bytes, *, stream: bool, model: str | None) -> None:
+        """Send `payload` to a deployment serving `model` and relay the answer in this route's shape."""
+        candidates = self.context.pool.candidates(model)
+        if not candidates:
+            raise self.unknown_model(model)
+
+        async def attempt(deployment: Deployment) -> UpstreamResponse | None:
+            self.deployment = deployment
+            self.attempts += 1
+            self.set_header("x-upstream-attempts", str(self.attempts))
+            self.call = UpstreamCall(self.request_id)
+            if stream:
+                await self.context.upstream.stream(deployment, payload, self.call, self)
+                return None
+            return await self.context.upstream.complete(deployment, payload, self.call)
+
+        response = await self.context.failover.run(
+            candidates, attempt, cancelled=lambda: self.caller_gone
+        )
+        if self.caller_gone:
+            return
+        if response is not None:
             self._relay_headers(response.headers)
             self.write_completion(response)
+        else:
+            self.finish()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # send_error cleared the headers set so far; these belong on errors too.
+        self.set_header("x-request-id", self.request_id)
+        if self.attempts:
+            self.set_header("x-upstream-attempts", str(self.attempts))
+        error = self.gateway_error(kwargs.get("exc_info"))
+        if error.upstream_headers:
+            self._relay_headers(error.upstream_headers)
+        super().write_error(status_code, **kwargs)
 
     def write_completion(self, response: UpstreamResponse) -> None:
         raise NotImplementedError
@@ -97,7 +132,7 @@ class GptChatHandler(ChatProxyHandler):
         await self.relay(
             json.dumps(body, separators=(",", ":")).encode(),
             stream=bool(body.get("stream")),
-            deployment=self.context.settings.deployment,
+            model=None,
         )
 
     def write_completion(self, response: UpstreamResponse) -> None:

@@ -33,8 +33,11 @@ class OpenAIChatHandler(OpenAIErrorsMixin, ChatProxyHandler):
 
     async def relay_request(self, request: dict[str, Any], model: Any) -> None:
         validate_body(self.context.validators["chat_completions"], request)
-        deployment = self.context.deployment_for(model if isinstance(model, str) else None)
-        await self.relay(self.raw_body, stream=bool(request.get("stream")), deployment=deployment)
+        await self.relay(
+            self.raw_body,
+            stream=bool(request.get("stream")),
+            model=model if isinstance(model, str) else None,
+        )
 
     def write_completion(self, response: UpstreamResponse) -> None:
         self.set_header("Content-Type", "application/json")
@@ -61,6 +64,15 @@ class AzureChatHandler(OpenAIChatHandler):
             )
         await self.relay_request(self.json_body(), deployment)
 
+    def unknown_model(self, model: str | None) -> GatewayError:
+        # Azure's own answer for a deployment that does not exist.
+        return GatewayError(
+            404,
+            "DeploymentNotFound",
+            "The API deployment for this resource does not exist.",
+            param="deployment",
+        )
+
 
 class ModelsHandler(OpenAIErrorsMixin, BaseHandler):
     """GET /v1/models: the deployments this server serves, in OpenAI's list shape."""
@@ -71,7 +83,7 @@ class ModelsHandler(OpenAIErrorsMixin, BaseHandler):
                 "object": "list",
                 "data": [
                     {"id": name, "object": "model", "created": 0, "owned_by": "azure-gpt-api"}
-                    for name in self.context.model_names()
+                    for name in self.context.pool.model_names()
                 ],
             }
         )

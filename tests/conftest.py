@@ -103,7 +103,8 @@ def start_gateway(io_loop: Any, emulator: AzureEmulator, settings_for: Callable[
 
 @pytest.fixture
 def gateway(start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
-    return start_gateway()
+    """One attempt per request, so each upstream failure shows as it maps (failover has its own tests)."""
+    return start_gateway(MAX_ATTEMPTS="1")
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ def test_defaults_and_upstream_url(tmp_path):
     assert loaded.max_body_size == 1024 * 1024
     assert loaded.max_clients == 1000
     assert dict(loaded.parameter_defaults) == {}
-    assert loaded.deployment.chat_url == (
+    assert loaded.deployments[0].chat_url == (
         "https://example.openai.azure.com/openai/deployments/gpt-4o"
         "/chat/completions?api-version=2024-10-21"
     )
@@ -43,8 +43,8 @@ def test_defaults_and_upstream_url(tmp_path):
 def test_endpoint_with_or_without_trailing_slash_and_http(tmp_path):
     without = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999"})
     with_slash = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999/"})
-    assert without.deployment.chat_url == with_slash.deployment.chat_url
-    assert without.deployment.chat_url.startswith("http://127.0.0.1:9999/openai/")
+    assert without.deployments[0].chat_url == with_slash.deployments[0].chat_url
+    assert without.deployments[0].chat_url.startswith("http://127.0.0.1:9999/openai/")
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
@@ -60,7 +60,7 @@ def test_empty_environment_value_does_not_hide_the_file(tmp_path):
     text += "max_tokens=50\n"
     loaded = settings(tmp_path, text, max_tokens="", KEY="")
     assert loaded.parameter_defaults["max_tokens"] == 50
-    assert loaded.deployment.key.reveal() == REQUIRED["KEY"]
+    assert loaded.deployments[0].key.reveal() == REQUIRED["KEY"]
 
 
 def test_empty_value_means_unset_in_the_file_too(tmp_path):
@@ -104,10 +104,10 @@ def test_stop_is_a_string_or_a_json_array(tmp_path):
 def test_missing_required_values_are_each_named(tmp_path):
     found = problems(tmp_path)
     assert found == [
-        "ENDPOINT: is required",
-        "DEPLOYMENT_NAME: is required",
-        "API_VERSION: is required",
-        "KEY: is required",
+        "ENDPOINT: is required (or set DEPLOYMENTS_FILE)",
+        "DEPLOYMENT_NAME: is required (or set DEPLOYMENTS_FILE)",
+        "API_VERSION: is required (or set DEPLOYMENTS_FILE)",
+        "KEY: is required (or set DEPLOYMENTS_FILE)",
     ]
 
 
@@ -147,7 +147,7 @@ def test_missing_env_file_named_by_env_file_is_an_error(tmp_path):
 def test_key_never_appears_in_repr_or_problems(tmp_path):
     loaded = settings(tmp_path, **REQUIRED)
     assert REQUIRED["KEY"] not in repr(loaded)
-    assert repr(loaded.deployment.key) == "Secret('**********')"
+    assert repr(loaded.deployments[0].key) == "Secret('**********')"
     found = problems(tmp_path, **{**REQUIRED, "temperature": "hot"})
     assert all(REQUIRED["KEY"] not in line for line in found)
 

@@ -82,8 +82,8 @@ def test_incomplete_settings_exit_2_naming_each_problem(tmp_path, spawn):
     server = spawn(server_env(tmp_path, KEY=secret, temperature="abc", ENABLE_SSL="maybe"))
     output = server.finish()
     assert server.proc.returncode == 2
-    assert "config error: ENDPOINT: is required" in output
-    assert "config error: DEPLOYMENT_NAME: is required" in output
+    assert "config error: ENDPOINT: is required (or set DEPLOYMENTS_FILE)" in output
+    assert "config error: DEPLOYMENT_NAME: is required (or set DEPLOYMENTS_FILE)" in output
     assert "config error: temperature: must be a number from 0 to 2" in output
     assert "config error: ENABLE_SSL: must be true or false" in output
     assert secret not in output

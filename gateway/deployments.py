@@ -1,0 +1,96 @@
+"""The deployments file (`DEPLOYMENTS_FILE`): several Azure deployments in YAML.
+
+Read once at start-up with `yaml.safe_load`, checked against
+`schema/deployments.schema.json`, `${VAR}` references expanded from the
+environment. Every problem becomes one line naming the entry and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import yaml
+
+from .config import ConfigError, Deployment, Secret
+from .validation import compile_validator, describe, field_path, load_registry
+
+SOURCE = "DEPLOYMENTS_FILE"
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError([f"{SOURCE}: cannot read {path} ({error.strerror})"]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{SOURCE}: {path} is not valid YAML ({error})"]) from None
+
+
+def entry_label(section: str, index: int, entry: Any) -> str:
+    """`deployments[1] (westeurope)`: how a problem names the entry it is in."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"{section}[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
+
+
+def expand_variables(value: str, environ: Mapping[str, str], where: str, problems: list[str]) -> str:
+    """Replace each `${VAR}` with its value; an unset or empty VAR is a problem naming it."""
+
+    def substitute(match: re.Match[str]) -> str:
+        variable = match.group(1)
+        if not environ.get(variable):
+            problems.append(f"{where}: ${{{variable}}} is not set in the environment")
+            return ""
+        return environ[variable]
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def schema_problems(document: Any, schema_id: str, prefix: str) -> list[str]:
+    """One line per schema violation: `PREFIX deployments[0] (name).field: predicate`."""
+    validator = compile_validator(schema_id, load_registry())
+    problems = []
+    for error in validator.iter_errors(document):
+        path = list(error.absolute_path)
+        where = prefix
+        if len(path) >= 2 and isinstance(path[1], int):
+            where += " " + entry_label(str(path[0]), path[1], document[path[0]][path[1]])
+            path = path[2:]
+        elif path:
+            where += " " + field_path(path[:1])
+            path = path[1:]
+        _param, _rule, predicate = describe(error)
+        problems.append(f"{where}{''.join(f'.{part}' for part in path)}: {predicate}")
+    return sorted(problems)
+
+
+def load_deployments(document: Any, environ: Mapping[str, str]) -> tuple[Deployment, ...]:
+    """The `deployments:` section as Deployment objects, or ConfigError listing every problem."""
+    problems = schema_problems(document, "deployments.schema.json", SOURCE)
+    if problems:
+        raise ConfigError(problems)
+    deployments = []
+    seen: set[str] = set()
+    for index, entry in enumerate(document["deployments"]):
+        label = f"{SOURCE} {entry_label('deployments', index, entry)}"
+        if entry["name"] in seen:
+            problems.append(f"{label}.name: duplicate name {entry['name']!r}")
+        seen.add(entry["name"])
+        key = expand_variables(entry["key"], environ, f"{label}.key", problems)
+        endpoint = expand_variables(entry["endpoint"], environ, f"{label}.endpoint", problems)
+        deployments.append(
+            Deployment(
+                name=entry["name"],
+                endpoint=endpoint.rstrip("/"),
+                deployment=entry["deployment"],
+                api_version=str(entry["api_version"]),
+                key=Secret(key),
+                weight=float(entry.get("weight", 1)),
+                models=tuple(entry.get("models") or (entry["deployment"],)),
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    return tuple(deployments)
