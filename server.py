@@ -20,6 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, GZipContentEncoding
 
+from gateway.accesslog import ACCESS_LOG, default_format, write_access_log
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.context import GatewayContext
 from gateway.emulator import AzureEmulator
@@ -76,6 +77,9 @@ def make_app(settings: Settings) -> Application:
         default_handler_class=NotFoundHandler,
         transforms=[JsonOnlyGzip],
         context=context,
+        log_function=lambda handler: write_access_log(
+            handler.access_record(), settings.log_format
+        ),
     )
 
 
@@ -110,13 +114,57 @@ class GatewayServer:
             self._listen("https", self.settings.https_port, context)
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to DRAIN_TIMEOUT), then close."""
+        """Stop accepting, let in-flight requests finish (up to DRAIN_TIMEOUT), then close.
+
+        Made for rolling restarts (`pm2 reload`), where other instances keep
+        serving the port and no caller may see an error:
+
+        - Connections the kernel has already completed in the listener's
+          backlog are accepted before the listener closes, which would reset
+          them although their callers were told they are connected.
+        - Keep-alive is switched off: each open connection serves at most one
+          more request, answered with `Connection: close`, so its caller
+          reconnects (to another instance) rather than finding it cut.
+        - A connection is closed only once its requests are done and no
+          request has come in for QUIET seconds: an idle keep-alive
+          connection may have a request on its way. DRAIN_TIMEOUT bounds it all.
+        """
+        quiet = 1.0  # seconds without a request before idle connections are cut
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
         for server in self.servers:
+            # Tornado's own accept loop, run once more just before the close.
+            for sock in server._sockets.values():
+                while True:
+                    try:
+                        connection, address = sock.accept()
+                    except BlockingIOError:
+                        break
+                    except ConnectionAbortedError:
+                        continue
+                    server._handle_connection(connection, address)
             server.stop()
+            server.conn_params.no_keep_alive = True
         in_flight = self.context.in_flight
         in_flight.draining = True
         log.info("draining %d in-flight request(s)", in_flight.count)
-        if not await in_flight.wait_idle(self.settings.drain_timeout):
+
+        def open_connections() -> int:
+            return sum(len(server._connections) for server in self.servers)
+
+        quiet_since, seen = loop.time(), open_connections()
+        while seen and loop.time() < deadline:
+            if in_flight.count:
+                if not await in_flight.wait_idle(deadline - loop.time()):
+                    break
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= quiet:
+                break  # only idle keep-alive connections are left
+            else:
+                await asyncio.sleep(0.05)
+            if open_connections() != seen:  # a connection ended: it had just been answered
+                quiet_since, seen = loop.time(), open_connections()
+        if in_flight.count:
             log.warning("drain timeout: closing %d request(s) still in flight", in_flight.count)
         for server in self.servers:
             await server.close_all_connections()
@@ -139,6 +187,7 @@ async def start_emulator_settings(environ: Mapping[str, str]) -> tuple[AzureEmul
     await emulator.start("127.0.0.1", 0)
     settings = load_settings(
         environ,
+        defaults={"LOG_FORMAT": default_format()},
         overrides={
             "ENDPOINT": emulator.url,
             "DEPLOYMENT_NAME": EMULATOR_DEPLOYMENT,
@@ -155,7 +204,7 @@ async def serve(args: argparse.Namespace) -> int:
         if args.emulator:
             emulator, settings = await start_emulator_settings(os.environ)
         else:
-            settings = load_settings(os.environ)
+            settings = load_settings(os.environ, defaults={"LOG_FORMAT": default_format()})
     except ConfigError as error:
         for problem in error.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -198,10 +247,19 @@ def main() -> int:
         help="serve answers from the built-in Azure OpenAI emulator (no Azure account needed)",
     )
     args = parser.parse_args()
+    configure_logging()
+    return asyncio.run(serve(args))
+
+
+def configure_logging() -> None:
+    """Access lines go to stdout as they are (JSON must stay one clean line); the rest to stderr."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(serve(args))
+    access = logging.StreamHandler(sys.stdout)
+    access.setFormatter(logging.Formatter("%(message)s"))
+    ACCESS_LOG.addHandler(access)
+    ACCESS_LOG.propagate = False
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ class Settings:
     max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    log_format: str = "json"
 
 
 def _number(low: float, high: float) -> Callable[[str], float]:
@@ -197,6 +198,12 @@ def _existing_file(raw: str) -> str:
     return raw
 
 
+def _log_format(raw: str) -> str:
+    if raw not in ("json", "text"):
+        raise ValueError("must be json or text")
+    return raw
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
@@ -235,6 +242,7 @@ _SERVER_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType
         "MAX_RETRY_WAIT": ("max_retry_wait", _non_negative_seconds),
         "DRAIN_TIMEOUT": ("drain_timeout", _seconds),
         "CORS_ORIGINS": ("cors_origins", _origins),
+        "LOG_FORMAT": ("log_format", _log_format),
     }
 )
 
@@ -260,15 +268,17 @@ def read_sources(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def load_settings(
-    environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
+    environ: Mapping[str, str],
+    overrides: Mapping[str, str] | None = None,
+    defaults: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build `Settings` from the environment, the env file and `overrides` (which win).
+    """Build `Settings` from the environment, the env file, `defaults` (which lose to
+    both) and `overrides` (which win over everything).
 
     Raises ConfigError listing every problem; the key's value is never part
     of a message.
     """
-    values = read_sources(environ)
-    values.update(overrides or {})
+    values = {**(defaults or {}), **read_sources(environ), **(overrides or {})}
     problems: list[str] = []
 
     def cast_all(table: Mapping[str, tuple[str, Callable[[str], Any]]]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from gateway.accesslog import timestamp
 from gateway.context import GatewayContext
 from gateway.errors import GatewayError, render_envelope
 
@@ -28,6 +29,9 @@ CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 
 class BaseHandler(RequestHandler):
     """Headers and the error body for the original API's `{"success": ...}` family."""
+
+    # The route's name in the access log and metrics.
+    route = "other"
 
     @property
     def context(self) -> GatewayContext:
@@ -92,6 +96,18 @@ class BaseHandler(RequestHandler):
             self.set_header(name, value)
         self.write_json(self.render_error(error))
 
+    def access_record(self) -> dict[str, Any]:
+        """What the access log line says about this request."""
+        return {
+            "time": timestamp(self.request._start_time),
+            "request_id": self._headers.get("x-request-id"),
+            "method": self.request.method,
+            "route": self.route,
+            "path": self.request.path,
+            "status": self.get_status(),
+            "duration_ms": round(self.request.request_time() * 1000, 2),
+        }
+
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Expected failures are the caller's or Azure's, not a bug: no traceback.
         if isinstance(value, GatewayError):
@@ -101,6 +117,8 @@ class BaseHandler(RequestHandler):
 
 class NotFoundHandler(BaseHandler):
     """Every path no route claims."""
+
+    route = "not_found"
 
     def prepare(self) -> None:
         if self.request.method == "OPTIONS":

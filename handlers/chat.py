@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 from tornado.httputil import HTTPHeaders
 
@@ -32,6 +33,9 @@ class ChatProxyHandler(JsonBodyHandler):
     deployment: Deployment | None = None
     caller_gone = False
     attempts = 0
+    upstream_status: int | None = None
+    apim_request_id: str | None = None
+    first_event_at: float | None = None
 
     def prepare(self) -> None:
         super().prepare()
@@ -79,6 +83,7 @@ class ChatProxyHandler(JsonBodyHandler):
         if self.caller_gone:
             return
         if response is not None:
+            self.upstream_status = response.status
             self._relay_headers(response.headers)
             self.write_completion(response)
         else:
@@ -90,9 +95,24 @@ class ChatProxyHandler(JsonBodyHandler):
         if self.attempts:
             self.set_header("x-upstream-attempts", str(self.attempts))
         error = self.gateway_error(kwargs.get("exc_info"))
+        self.upstream_status = error.upstream_status
         if error.upstream_headers:
             self._relay_headers(error.upstream_headers)
         super().write_error(status_code, **kwargs)
+
+    def access_record(self) -> dict[str, Any]:
+        record = super().access_record()
+        record.update(
+            deployment=self.deployment.name if self.deployment else None,
+            upstream_status=self.upstream_status,
+            attempts=self.attempts or None,
+            apim_request_id=self.apim_request_id,
+        )
+        if self.first_event_at is not None:
+            record["ttft_ms"] = round((self.first_event_at - self.request._start_time) * 1000, 2)
+        if self.caller_gone:
+            record["status"] = 499
+        return record
 
     def write_completion(self, response: UpstreamResponse) -> None:
         raise NotImplementedError
@@ -100,14 +120,17 @@ class ChatProxyHandler(JsonBodyHandler):
     def stream_error_payload(self, error: GatewayError) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _relay_headers(self, upstream_headers: HTTPHeaders) -> None:
+    def _relay_headers(self, upstream_headers: Mapping[str, str]) -> None:
         for name in RELAYED_HEADERS:
             if name in upstream_headers:
                 self.set_header(name, upstream_headers[name])
+        self.apim_request_id = upstream_headers.get("apim-request-id")
 
     # StreamSink: called by UpstreamClient.stream as Azure's events arrive.
 
     def start(self, upstream_headers: HTTPHeaders) -> None:
+        self.upstream_status = 200
+        self.first_event_at = time.time()
         self._relay_headers(upstream_headers)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
@@ -124,6 +147,8 @@ class ChatProxyHandler(JsonBodyHandler):
 
 class GptChatHandler(ChatProxyHandler):
     """POST /v1/gpt/chat: the original service's contract."""
+
+    route = "gpt_chat"
 
     async def post(self) -> None:
         request = self.json_body()

@@ -27,6 +27,8 @@ class OpenAIErrorsMixin:
 class OpenAIChatHandler(OpenAIErrorsMixin, ChatProxyHandler):
     """POST /v1/chat/completions: `model` picks the deployment."""
 
+    route = "chat_completions"
+
     async def post(self) -> None:
         request = self.json_body()
         await self.relay_request(request, request.get("model"))
@@ -54,6 +56,8 @@ class AzureChatHandler(OpenAIChatHandler):
     `model` in the body too; Azure ignores it, and so do we.
     """
 
+    route = "azure_chat_completions"
+
     async def post(self, deployment: str) -> None:  # type: ignore[override]
         if not self.get_query_argument("api-version", ""):
             raise GatewayError(
@@ -76,6 +80,8 @@ class AzureChatHandler(OpenAIChatHandler):
 
 class ModelsHandler(OpenAIErrorsMixin, BaseHandler):
     """GET /v1/models: the deployments this server serves, in OpenAI's list shape."""
+
+    route = "models"
 
     def get(self) -> None:
         self.write_json(

@@ -4,5 +4,7 @@ from .base import BaseHandler
 
 
 class StatusHandler(BaseHandler):
+    route = "status"
+
     def get(self) -> None:
         self.write_json({"success": 1, "message": "GPT API: OK"})
