@@ -82,3 +82,20 @@ def build_gpt_chat_body(
     body = {"messages": messages, **merge_parameters(request, defaults)}
     body.update((name, request[name]) for name in PASSTHROUGH_FIELDS if _given(request.get(name)))
     return body
+
+
+# stream_options arrived in api-version 2024-09-01-preview; older versions reject it.
+STREAM_USAGE_SINCE_API_VERSION = "2024-09-01"
+
+
+def supports_stream_usage(api_version: str) -> bool:
+    return api_version >= STREAM_USAGE_SINCE_API_VERSION
+
+
+def caller_wants_stream_usage(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def with_stream_usage(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body asking Azure for the usage event at the end of a stream (for accounting)."""
+    return {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}

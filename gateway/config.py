@@ -17,6 +17,11 @@ from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
 
+from .deployments import Deployment, load_deployments, read_yaml
+from .errors import ConfigError
+from .keys import CallerKey, keys_from_api_keys, keys_from_yaml
+from .secret import Secret
+
 DEFAULT_ENV_FILE = ".env"
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_HTTP_PORT = 80
@@ -34,61 +39,6 @@ DEFAULT_CORS_ORIGINS = ("*",)
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-
-
-class ConfigError(Exception):
-    """Start-up configuration is incomplete or invalid; `problems` has one line each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-class Secret:
-    """A string that never shows itself in a repr, a log line or a traceback."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One Azure OpenAI deployment the gateway sends requests to."""
-
-    name: str
-    endpoint: str
-    deployment: str
-    api_version: str
-    key: Secret
-    weight: float = 1.0
-    models: tuple[str, ...] = ()
-
-    @property
-    def chat_url(self) -> str:
-        return (
-            f"{self.endpoint}/openai/deployments/{self.deployment}"
-            f"/chat/completions?api-version={self.api_version}"
-        )
-
-    def serves(self, model: str) -> bool:
-        """True if a caller asking for `model` may be sent here."""
-        return model in (self.name, self.deployment, *self.models)
 
 
 @dataclass(frozen=True)
@@ -114,6 +64,11 @@ class Settings:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     log_format: str = "json"
+    caller_keys: tuple[CallerKey, ...] = ()
+    redis_url: Secret | None = None
+    quota_on_redis_error: str = "open"
+    metrics_key: Secret | None = None
+    drain_grace: float = 0.0
 
 
 def _number(low: float, high: float) -> Callable[[str], float]:
@@ -204,6 +159,18 @@ def _log_format(raw: str) -> str:
     return raw
 
 
+def _redis_error_mode(raw: str) -> str:
+    if raw not in ("open", "closed"):
+        raise ValueError("must be open or closed")
+    return raw
+
+
+def _redis_url(raw: str) -> Secret:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return Secret(raw)
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
@@ -243,6 +210,10 @@ _SERVER_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType
         "DRAIN_TIMEOUT": ("drain_timeout", _seconds),
         "CORS_ORIGINS": ("cors_origins", _origins),
         "LOG_FORMAT": ("log_format", _log_format),
+        "REDIS_URL": ("redis_url", _redis_url),
+        "QUOTA_ON_REDIS_ERROR": ("quota_on_redis_error", _redis_error_mode),
+        "METRICS_KEY": ("metrics_key", Secret),
+        "DRAIN_GRACE": ("drain_grace", _non_negative_seconds),
     }
 )
 
@@ -293,12 +264,15 @@ def load_settings(
 
     server = cast_all(_SERVER_CASTS)
     deployments: tuple[Deployment, ...] = ()
+    caller_keys: list[CallerKey] = []
+    if "API_KEYS" in values:
+        caller_keys += keys_from_api_keys(values["API_KEYS"])
     if "DEPLOYMENTS_FILE" in values:
-        # Imported here: the deployments module builds on this one.
-        from .deployments import load_deployments, read_yaml
-
         try:
-            deployments = load_deployments(read_yaml(values["DEPLOYMENTS_FILE"]), values)
+            document = read_yaml(values["DEPLOYMENTS_FILE"])
+            deployments = load_deployments(document, values)
+            if isinstance(document, dict) and document.get("keys"):
+                caller_keys += keys_from_yaml(document["keys"], values)
         except ConfigError as error:
             problems.extend(error.problems)
     else:
@@ -327,8 +301,18 @@ def load_settings(
 
     if problems:
         raise ConfigError(problems)
+    names = [key.name for key in caller_keys]
+    problems.extend(
+        f"API_KEYS/DEPLOYMENTS_FILE keys: the name {name!r} is used twice"
+        for name in sorted({n for n in names if names.count(n) > 1})
+    )
+    if len({key.key for key in caller_keys}) < len(caller_keys):
+        problems.append("API_KEYS/DEPLOYMENTS_FILE keys: the same key is given twice")
+    if problems:
+        raise ConfigError(problems)
     return Settings(
         deployments=deployments,
+        caller_keys=tuple(caller_keys),
         parameter_defaults=MappingProxyType(defaults),
         **server,
     )

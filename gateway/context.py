@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from jsonschema import Draft202012Validator
 
+from .accesslog import write_access_log
 from .config import Settings
+from .deployments import Deployment
+from .keys import KeyRing
+from .metrics import Metrics
+from .quota import QuotaStore
 from .routing import DeploymentPool, Failover
 from .upstream import UpstreamClient
 
@@ -46,4 +52,19 @@ class GatewayContext:
     validators: dict[str, Draft202012Validator]
     pool: DeploymentPool
     failover: Failover
+    keyring: KeyRing
+    quota: QuotaStore
+    metrics: Metrics
     in_flight: InFlight = field(default_factory=InFlight)
+
+    def request_finished(self, record: Mapping[str, Any]) -> None:
+        """Log a finished request and count it in the metrics."""
+        write_access_log(record, self.settings.log_format)
+        route = record["route"]
+        self.metrics.requests_total.labels(route, str(record["status"])).inc()
+        self.metrics.request_duration_seconds.labels(route).observe(record["duration_ms"] / 1000)
+        if record.get("ttft_ms") is not None:
+            self.metrics.time_to_first_token_seconds.labels(route).observe(record["ttft_ms"] / 1000)
+
+    def count_attempt(self, deployment: Deployment, outcome: str) -> None:
+        self.metrics.upstream_attempts_total.labels(deployment.name, outcome).inc()

@@ -8,14 +8,40 @@ environment. Every problem becomes one line naming the entry and the field.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import yaml
 
-from .config import ConfigError, Deployment, Secret
+from .errors import ConfigError
+from .secret import Secret
 from .validation import compile_validator, describe, field_path, load_registry
 
 SOURCE = "DEPLOYMENTS_FILE"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One Azure OpenAI deployment the gateway sends requests to."""
+
+    name: str
+    endpoint: str
+    deployment: str
+    api_version: str
+    key: Secret
+    weight: float = 1.0
+    models: tuple[str, ...] = ()
+
+    @property
+    def chat_url(self) -> str:
+        return (
+            f"{self.endpoint}/openai/deployments/{self.deployment}"
+            f"/chat/completions?api-version={self.api_version}"
+        )
+
+    def serves(self, model: str) -> bool:
+        """True if a caller asking for `model` may be sent here."""
+        return model in (self.name, self.deployment, *self.models)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

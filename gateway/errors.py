@@ -22,6 +22,14 @@ import pycurl
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
+class ConfigError(Exception):
+    """Start-up configuration is incomplete or invalid; `problems` has one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 class GatewayError(Exception):
     """An expected failure: the status, headers and error object the caller gets."""
 

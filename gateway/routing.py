@@ -19,7 +19,7 @@ import random
 import time
 from typing import Awaitable, Callable, Iterable, TypeVar
 
-from .config import Deployment
+from .deployments import Deployment
 from .errors import GatewayError
 
 T = TypeVar("T")

@@ -56,6 +56,22 @@ def is_done(event: bytes) -> bool:
     return event_data(event).strip() == b"[DONE]"
 
 
+def usage_in(event: bytes) -> dict | None:
+    """The `usage` object of Azure's usage event, or None for any other event.
+
+    Cheap for the common case: with `include_usage`, every other chunk
+    carries `"usage":null`, and one without the word is never parsed.
+    """
+    if b'"usage"' not in event or b'"usage":null' in event:
+        return None
+    try:
+        payload = json.loads(event_data(event))
+    except ValueError:
+        return None
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
 def encode_event(payload: object) -> bytes:
     """One `data:` event carrying a JSON payload."""
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

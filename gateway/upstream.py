@@ -25,7 +25,8 @@ from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders, parse_response_start_line
 from tornado.ioloop import IOLoop
 
-from .config import Deployment, Settings
+from .config import Settings
+from .deployments import Deployment
 from .errors import GatewayError, map_transport_error, map_upstream_status
 from .sse import EventFramer, is_done
 

@@ -1,8 +1,9 @@
 """Routes shaped like OpenAI's and Azure's own, so the official SDKs work unchanged.
 
-The caller's body goes upstream byte for byte once it has passed the schema,
-and Azure's JSON or event bytes come back unchanged: no `success` field,
-errors in the `{"error": {...}}` shape the SDKs parse.
+The caller's body goes upstream byte for byte once it has passed the schema
+(except that a stream also asks Azure for its usage event, which the caller
+then sees only if it asked), and Azure's JSON or event bytes come back
+unchanged: no `success` field, errors in the `{"error": {...}}` shape the SDKs parse.
 """
 
 from __future__ import annotations
@@ -29,19 +30,12 @@ class OpenAIChatHandler(OpenAIErrorsMixin, ChatProxyHandler):
 
     route = "chat_completions"
 
-    async def post(self) -> None:
-        request = self.json_body()
-        await self.relay_request(request, request.get("model"))
-
-    async def relay_request(self, request: dict[str, Any], model: Any) -> None:
+    def upstream_body(self, request: dict[str, Any], *path_args: str) -> tuple[dict[str, Any], str | None]:
         validate_body(self.context.validators["chat_completions"], request)
-        await self.relay(
-            self.raw_body,
-            stream=bool(request.get("stream")),
-            model=model if isinstance(model, str) else None,
-        )
+        model = request.get("model")
+        return request, model if isinstance(model, str) else None
 
-    def write_completion(self, response: UpstreamResponse) -> None:
+    def write_completion(self, response: UpstreamResponse, document: dict[str, Any]) -> None:
         self.set_header("Content-Type", "application/json")
         self.finish(response.body)
 
@@ -53,12 +47,13 @@ class AzureChatHandler(OpenAIChatHandler):
     """POST /openai/deployments/{deployment}/chat/completions?api-version=...
 
     What `AzureOpenAI(azure_endpoint=<this server>)` calls. The SDK leaves
-    `model` in the body too; Azure ignores it, and so do we.
+    `model` in the body too; Azure ignores it, and so do we: the path names
+    the deployment.
     """
 
     route = "azure_chat_completions"
 
-    async def post(self, deployment: str) -> None:  # type: ignore[override]
+    def upstream_body(self, request: dict[str, Any], *path_args: str) -> tuple[dict[str, Any], str | None]:
         if not self.get_query_argument("api-version", ""):
             raise GatewayError(
                 404,
@@ -66,7 +61,8 @@ class AzureChatHandler(OpenAIChatHandler):
                 "Resource not found: the api-version query parameter is required.",
                 param="api-version",
             )
-        await self.relay_request(self.json_body(), deployment)
+        validate_body(self.context.validators["chat_completions"], request)
+        return request, path_args[0]
 
     def unknown_model(self, model: str | None) -> GatewayError:
         # Azure's own answer for a deployment that does not exist.
@@ -84,12 +80,15 @@ class ModelsHandler(OpenAIErrorsMixin, BaseHandler):
     route = "models"
 
     def get(self) -> None:
+        caller = self.context.keyring.authenticate(self.request.headers)
+        allowed = caller.models if caller else None
         self.write_json(
             {
                 "object": "list",
                 "data": [
                     {"id": name, "object": "model", "created": 0, "owned_by": "azure-gpt-api"}
                     for name in self.context.pool.model_names()
+                    if allowed is None or name in allowed
                 ],
             }
         )

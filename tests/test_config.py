@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, Secret, load_settings
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+from gateway.secret import Secret
 
 REQUIRED = {
     "ENDPOINT": "https://example.openai.azure.com/",

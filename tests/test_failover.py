@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import load_settings
+from gateway.errors import ConfigError
 from gateway.emulator import AzureEmulator, Fault
 
 from .conftest import API_VERSION, EMULATOR_KEY

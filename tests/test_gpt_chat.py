@@ -11,7 +11,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from gateway.emulator import Fault
-from gateway.sse import EventFramer, event_data
+from gateway.sse import EventFramer, event_data, usage_in
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY, free_port
 
@@ -263,7 +263,10 @@ async def test_stream_relays_every_event_unchanged_and_ends_with_done(gateway):
     assert response.headers["Cache-Control"] == "no-cache"
     assert response.headers["X-Accel-Buffering"] == "no"
     assert "Content-Encoding" not in response.headers
-    assert response.body == gateway.emulator.requests[-1].response_body
+    upstream = gateway.emulator.requests[-1]
+    assert upstream.json["stream_options"] == {"include_usage": True}  # asked for accounting
+    sent = EventFramer().feed(upstream.response_body)
+    assert response.body == b"".join(event for event in sent if usage_in(event) is None)
     events = parse_events(response.body)
     assert events[-1] == b"[DONE]"
     first = json.loads(events[0])

@@ -1,0 +1,284 @@
+"""Caller API keys: where they come from, and who is calling.
+
+Keys come from `API_KEYS` (comma-separated, named key1, key2, ... in order)
+or from the `keys:` section of a YAML file, whose entries may also carry
+per-key limits (`rpm`, `tpm`), the models a key may use and an `admin` flag.
+With no key configured the gateway stays open, as the original service was.
+
+A key's value is a `Secret`: only its name and its `fingerprint` (a short
+sha256 prefix) may appear in a log line, a metric or a stored record, and
+no error message repeats a key a caller presented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema.exceptions import ValidationError
+
+from .errors import ConfigError, GatewayError
+from .secret import Secret
+from .validation import compile_validator, load_registry
+
+KEYS_SCHEMA_ID = "keys.schema.json"
+FINGERPRINT_LENGTH = 12
+DEFAULT_KEYS_SOURCE = "DEPLOYMENTS_FILE"
+
+# `${VAR}` inside a key's value, expanded from the environment.
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# The rule each field of a `keys:` entry breaks, in the words of a config error.
+_FIELD_RULES = {
+    "name": "must be a non-empty string",
+    "key": "must be a non-empty string (the key, or ${VAR})",
+    "rpm": "must be an integer >= 1",
+    "tpm": "must be an integer >= 1",
+    "models": "must be a non-empty list of model names",
+    "admin": "must be true or false",
+}
+
+
+@dataclass(frozen=True)
+class CallerKey:
+    """One key callers may present, its name and what it may do."""
+
+    name: str
+    key: Secret
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] | None = None
+    admin: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        """The first 12 hex digits of the key's sha256: the only form of it that is logged."""
+        return _digest(self.key.reveal()).hex()[:FINGERPRINT_LENGTH]
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def keys_from_api_keys(raw: str) -> list[CallerKey]:
+    """Parse `API_KEYS`: comma-separated keys named key1, key2, ...; blank items are skipped.
+
+    A key given twice is a ConfigError naming both positions, never the key.
+    """
+    keys: list[CallerKey] = []
+    first_named: dict[str, str] = {}
+    problems: list[str] = []
+    for value in (item.strip() for item in raw.split(",")):
+        if not value:
+            continue
+        name = f"key{len(keys) + 1}"
+        if value in first_named:
+            problems.append(f"API_KEYS: {name} is the same key as {first_named[value]}")
+        first_named.setdefault(value, name)
+        keys.append(CallerKey(name=name, key=Secret(value)))
+    if problems:
+        raise ConfigError(problems)
+    return keys
+
+
+def keys_from_yaml(
+    entries: list[dict[str, Any]],
+    environ: Mapping[str, str],
+    *,
+    source: str = DEFAULT_KEYS_SOURCE,
+) -> list[CallerKey]:
+    """Build keys from a YAML `keys:` section, checked against `schema/keys.schema.json`.
+
+    `source` (the variable naming the file) starts every problem line, e.g.
+    `DEPLOYMENTS_FILE keys[1] (alice).rpm: must be an integer >= 1`; entries
+    are counted from 0. A `${VAR}` in a key is replaced by VAR from
+    `environ`, where an empty value counts as unset. Every problem is
+    reported at once in one ConfigError; none of them contains a key.
+    """
+    validator = compile_validator(KEYS_SCHEMA_ID, load_registry())
+    problems = [
+        f"{source} {line}"
+        for line in dict.fromkeys(
+            _schema_problem(error, entries) for error in validator.iter_errors(entries)
+        )
+    ]
+    if not isinstance(entries, list):
+        raise ConfigError(problems)
+
+    named_at: dict[str, str] = {}
+    keyed_at: dict[str, str] = {}
+    values: list[str] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            values.append("")
+            continue
+        where = _entry_label(index, entry)
+        name = entry.get("name")
+        if isinstance(name, str) and name:
+            if name in named_at:
+                problems.append(
+                    f"{source} {where}.name: repeats {named_at[name]}; names must be unique"
+                )
+            named_at.setdefault(name, where)
+        raw_key = entry.get("key")
+        if not isinstance(raw_key, str) or not raw_key:
+            values.append("")
+            continue
+        value, missing = _expand(raw_key, environ)
+        for variable in missing:
+            problems.append(
+                f"{source} {where}.key: environment variable {variable} is not set"
+            )
+        values.append(value)
+        if missing:
+            continue
+        if value in keyed_at:
+            problems.append(
+                f"{source} {where}.key: is the same key as {keyed_at[value]}; "
+                "every entry needs its own key"
+            )
+        keyed_at.setdefault(value, where)
+
+    if problems:
+        raise ConfigError(problems)
+    return [
+        CallerKey(
+            name=entry["name"],
+            key=Secret(value),
+            rpm=int(entry["rpm"]) if "rpm" in entry else None,
+            tpm=int(entry["tpm"]) if "tpm" in entry else None,
+            models=tuple(entry["models"]) if "models" in entry else None,
+            admin=bool(entry.get("admin", False)),
+        )
+        for entry, value in zip(entries, values)
+    ]
+
+
+def _expand(raw: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """`raw` with every `${VAR}` replaced, and the variables that are unset or empty."""
+    missing: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        value = environ.get(match.group(1))
+        if not value:
+            missing.append(match.group(1))
+            return ""
+        return value
+
+    return _VARIABLE.sub(replace, raw), list(dict.fromkeys(missing))
+
+
+def _entry_label(index: int, entry: Any) -> str:
+    """`keys[1] (alice)`, or `keys[1]` when the entry has no usable name."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"keys[{index}] ({name})" if isinstance(name, str) and name else f"keys[{index}]"
+
+
+def _schema_problem(error: ValidationError, entries: Any) -> str:
+    """One schema violation as `keys[i] (name).field: rule`, without the offending value."""
+    path = list(error.absolute_path)
+    if not path:
+        return "keys: must be a list of key entries"
+    where = _entry_label(path[0], entries[path[0]])
+    if len(path) > 1:
+        field = str(path[1])
+        return f"{where}.{field}: {_FIELD_RULES.get(field, 'is not valid')}"
+    if error.validator == "required":
+        missing = [name for name in error.validator_value if name not in error.instance]
+        return f"{where}.{missing[0]}: is required"
+    if error.validator == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        unknown = sorted(str(name) for name in error.instance if name not in allowed)
+        return (
+            f"{where}.{unknown[0]}: is not a known field (allowed: {', '.join(allowed)})"
+            if len(unknown) == 1
+            else f"{where}: {', '.join(unknown)} are not known fields "
+            f"(allowed: {', '.join(allowed)})"
+        )
+    return f"{where}: must be a mapping with at least name and key"
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key in `api-key: K` or else `Authorization: Bearer K` (any header-name case)."""
+    api_key = authorization = ""
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered == "api-key":
+            api_key = value.strip()
+        elif lowered == "authorization":
+            authorization = value.strip()
+    if api_key:
+        return api_key
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+class KeyRing:
+    """The configured keys, and the checks a request passes before it reaches Azure."""
+
+    def __init__(self, keys: Iterable[CallerKey]) -> None:
+        self.keys = tuple(keys)
+        # Digests, not keys: every comparison is between two 32-byte values,
+        # so its time does not depend on the presented key's length.
+        self._digests = tuple((_digest(key.key.reveal()), key) for key in self.keys)
+        if len({digest for digest, _ in self._digests}) != len(self._digests):
+            raise ValueError("two caller keys have the same value")
+        if len({key.name for key in self.keys}) != len(self.keys):
+            raise ValueError("two caller keys have the same name")
+
+    @property
+    def is_open(self) -> bool:
+        """No key configured: every caller is let in, as the original service did."""
+        return not self.keys
+
+    def authenticate(self, headers: Mapping[str, str]) -> CallerKey | None:
+        """The caller's key, None when the ring is open; a 401 GatewayError otherwise.
+
+        The presented key is compared with every configured one, without
+        stopping at a match, so the time taken does not tell which key (or
+        how much of one) matched.
+        """
+        if self.is_open:
+            return None
+        presented = presented_key(headers)
+        if presented is None:
+            raise GatewayError(
+                401,
+                "missing_api_key",
+                "No API key: send it in the api-key header or as Authorization: Bearer <key>.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        digest = _digest(presented)
+        found = None
+        for candidate, key in self._digests:
+            if hmac.compare_digest(candidate, digest):
+                found = key
+        if found is None:
+            raise GatewayError(
+                401,
+                "invalid_api_key",
+                "The API key is not valid.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return found
+
+    def check_model(self, key: CallerKey | None, model_names: Iterable[str]) -> None:
+        """Raise a 403 when `key` is limited to some models and none of `model_names` is one."""
+        if key is None or key.models is None:
+            return
+        names = list(model_names)
+        if any(name in key.models for name in names):
+            return
+        asked = ", ".join(names) or "(none)"
+        raise GatewayError(
+            403,
+            "model_not_allowed",
+            f"The API key {key.name!r} may not use the model {asked}; "
+            f"it may use: {', '.join(key.models)}.",
+        )
