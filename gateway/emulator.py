@@ -242,8 +242,15 @@ def completion_body(request: dict, choices: list[Choice], completion_id: str, mo
     }
 
 
-def stream_payloads(request: dict, choices: list[Choice], completion_id: str, model: str) -> list[str]:
-    """Return the `data:` payloads of the streamed answer, ending with [DONE] (PROTOCOL.md section 4)."""
+def stream_payloads(
+    request: dict, choices: list[Choice], completion_id: str, model: str, *, async_filter: bool = False
+) -> list[str]:
+    """Return the `data:` payloads of the streamed answer, ending with [DONE] (PROTOCOL.md section 4).
+
+    With `async_filter`, as on deployments with asynchronous content filtering,
+    an annotation event (empty id, `content_filter_offsets`, no `delta`)
+    follows every second content chunk.
+    """
     include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
     head = {"created": int(time.time()), "id": completion_id, "model": model, "object": "chat.completion.chunk",
             "system_fingerprint": SYSTEM_FINGERPRINT} | ({"usage": None} if include_usage else {})
@@ -258,7 +265,12 @@ def stream_payloads(request: dict, choices: list[Choice], completion_id: str, mo
     for index, choice in enumerate(choices):
         chunks.append(chunk(index, {"role": "assistant", "content": "" if choice.function is None else None}))
         if choice.function is None:
-            chunks += [chunk(index, {"content": word}, filters=safe) for word in words(choice.content)]
+            offset = 0
+            for count, word in enumerate(words(choice.content), start=1):
+                chunks.append(chunk(index, {"content": word}, filters=safe))
+                offset += len(word)
+                if async_filter and count % 2 == 0:
+                    chunks.append(annotation(index, offset, safe))
         elif choice.legacy:
             chunks.append(chunk(index, {"function_call": {"name": choice.function, "arguments": ""}}))
             chunks += [chunk(index, {"function_call": {"arguments": piece}}) for piece in thirds(choice.arguments)]
@@ -272,6 +284,19 @@ def stream_payloads(request: dict, choices: list[Choice], completion_id: str, mo
     if include_usage:
         chunks.append({"choices": []} | head | {"usage": usage(request, choices)})
     return [json.dumps(chunk, separators=(",", ":")) for chunk in chunks] + ["[DONE]"]
+
+
+def annotation(index: int, offset: int, filters: dict) -> dict:
+    """An asynchronous-filter event: which part of the text was checked, and the verdict."""
+    return {
+        "choices": [{
+            "index": index,
+            "finish_reason": None,
+            "content_filter_results": filters,
+            "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": offset},
+        }],
+        "created": 0, "id": "", "model": "", "object": "",
+    }  # fmt: skip
 
 
 def thirds(text: str) -> list[str]:
@@ -412,7 +437,10 @@ class ChatCompletionsHandler(EmulatorHandler):
         choices = plan_choices(request)
         completion_id = self.emulator._next_completion_id()
         if request.get("stream"):
-            await self.stream(stream_payloads(request, choices, completion_id, self.emulator.model), fault)
+            payloads = stream_payloads(
+                request, choices, completion_id, self.emulator.model, async_filter=self.emulator.async_filter
+            )
+            await self.stream(payloads, fault)
         elif fault.reset_after is not None:
             self.abort()
         else:
@@ -521,8 +549,10 @@ class AzureEmulator:
         deployments: Iterable[str] = ("gpt-4o",),
         model: str = "gpt-4o-2024-08-06",
         api_versions: Iterable[str] | None = None,
+        async_filter: bool = False,
     ) -> None:
         self.key = key
+        self.async_filter = async_filter
         self.deployments = frozenset(deployments)
         self.model = model
         self.api_versions = None if api_versions is None else frozenset(api_versions)

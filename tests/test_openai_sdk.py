@@ -219,3 +219,20 @@ async def test_bearer_and_api_key_headers_are_accepted_and_not_forwarded(gateway
         received = gateway.emulator.requests[-1].headers
         assert CALLER_KEY not in json.dumps(received)
         assert "authorization" not in received
+
+
+@pytest.mark.gen_test
+async def test_asynchronous_filter_annotations_reach_the_caller_unchanged(gateway):
+    gateway.emulator.async_filter = True
+    async with openai_client(gateway) as client:
+        stream = await client.chat.completions.create(
+            model=DEPLOYMENT, messages=[{"role": "user", "content": "one two three four"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    annotations = [c for c in chunks if c.choices and c.choices[0].delta is None]
+    assert len(annotations) >= 2
+    first = annotations[0].choices[0].model_extra
+    assert first["content_filter_offsets"]["end_offset"] > 0
+    assert annotations[0].id == ""
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta)
+    assert text == "You said: one two three four"
