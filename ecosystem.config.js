@@ -1,6 +1,23 @@
 // PM2 process file: `pm2 start ecosystem.config.js`, `pm2 reload azure-gpt-api`.
 // Mirrors the original service's PM2 setup, with a Python interpreter.
+//
+// How a reload stays zero-downtime (tests/test_pm2.py checks it under load):
+// a Python app runs in fork mode, where PM2 turns `reload` into a restart of
+// one instance at a time (PM2 does at most one at a time for two instances,
+// two at a time for more). It sends the instance SIGINT; the server stops
+// listening, while the other instances, bound to the same port with
+// SO_REUSEPORT, take every new connection; it lets its in-flight requests and
+// streams finish (answering with `Connection: close`), then exits. PM2 then
+// starts the replacement and moves on to the next instance only once that one
+// has sent "ready" (wait_ready), i.e. once it listens. So run at least two
+// instances: with one, a reload leaves the port closed for a moment.
 const path = require('path');
+
+const SECOND = 1000;
+
+// kill_timeout must outlast the drain, or PM2 SIGKILLs streams still in flight.
+// DRAIN_TIMEOUT is 30 s by default; if it is raised in this environment, follow it.
+const drainSeconds = Number(process.env.DRAIN_TIMEOUT) || 30;
 
 module.exports = {
   apps: [
@@ -14,16 +31,16 @@ module.exports = {
       exec_mode: 'fork',
       // Every instance binds HTTP_PORT with SO_REUSEPORT; the kernel spreads
       // connections across them, and a reload replaces them one at a time.
-      instances: Number(process.env.PM2_INSTANCES || 2),
+      instances: Number(process.env.PM2_INSTANCES) || 2,
       max_memory_restart: '1G',
       log_date_format: 'YYYY-MM-DD HH:mm:ss Z',
       merge_logs: true,
-      // The server sends PM2 "ready" only once it listens.
+      // The server sends PM2 "ready" (over NODE_CHANNEL_FD) once it listens;
+      // PM2 marks it online, and goes on with a reload, only then.
       wait_ready: true,
-      listen_timeout: 15000,
-      // Longer than DRAIN_TIMEOUT (30 s by default), so in-flight streams
-      // finish before PM2 resorts to SIGKILL.
-      kill_timeout: 35000,
+      // Only a fallback: past this without "ready", PM2 carries on regardless.
+      listen_timeout: 15 * SECOND,
+      kill_timeout: Math.max(35, drainSeconds + 5) * SECOND,
       autorestart: true,
       env: {
         PYTHONUNBUFFERED: '1',

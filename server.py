@@ -16,20 +16,26 @@ import ssl
 import sys
 from typing import Mapping
 
+from prometheus_client import CollectorRegistry
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, GZipContentEncoding
 
-from gateway.accesslog import ACCESS_LOG, default_format, write_access_log
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.accesslog import ACCESS_LOG, default_format
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
 from gateway.context import GatewayContext
 from gateway.emulator import AzureEmulator
+from gateway.keys import KeyRing
+from gateway.metrics import Metrics
+from gateway.quota import MemoryQuota, RedisQuota
 from gateway.routing import DeploymentPool, Failover
 from gateway.upstream import UpstreamClient
 from gateway.validation import compile_validator, load_registry
 from handlers.base import NotFoundHandler
 from handlers.chat import GptChatHandler
 from handlers.openai import AzureChatHandler, ModelsHandler, OpenAIChatHandler
+from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler, UsageHandler
 from handlers.status import StatusHandler
 
 log = logging.getLogger("azure-gpt-api")
@@ -54,6 +60,16 @@ def make_app(settings: Settings) -> Application:
     """Build the application and everything its handlers share."""
     registry = load_registry()
     pool = DeploymentPool(settings.deployments)
+    metrics = Metrics(CollectorRegistry())
+    quota = (
+        RedisQuota(
+            settings.redis_url.reveal(),
+            settings.quota_on_redis_error,
+            on_redis_error=metrics.redis_errors_total.inc,
+        )
+        if settings.redis_url
+        else MemoryQuota()
+    )
     context = GatewayContext(
         settings=settings,
         upstream=UpstreamClient(settings),
@@ -65,6 +81,9 @@ def make_app(settings: Settings) -> Application:
             name: compile_validator(f"{name}.schema.json", registry)
             for name in ("gpt_chat", "chat_completions")
         },
+        keyring=KeyRing(settings.caller_keys),
+        quota=quota,
+        metrics=metrics,
     )
     return Application(
         [
@@ -73,13 +92,15 @@ def make_app(settings: Settings) -> Application:
             (r"/v1/chat/completions", OpenAIChatHandler),
             (r"/v1/models", ModelsHandler),
             (r"/openai/deployments/([^/]+)/chat/completions", AzureChatHandler),
+            (r"/v1/usage", UsageHandler),
+            (r"/metrics", MetricsHandler),
+            (r"/healthz", HealthHandler),
+            (r"/readyz", ReadyHandler),
         ],
         default_handler_class=NotFoundHandler,
         transforms=[JsonOnlyGzip],
         context=context,
-        log_function=lambda handler: write_access_log(
-            handler.access_record(), settings.log_format
-        ),
+        log_function=lambda handler: context.request_finished(handler.access_record()),
     )
 
 
@@ -116,6 +137,9 @@ class GatewayServer:
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (up to DRAIN_TIMEOUT), then close.
 
+        With DRAIN_GRACE, /readyz answers 503 for that long first, while the
+        listener still accepts, so a load balancer stops sending before it closes.
+
         Made for rolling restarts (`pm2 reload`), where other instances keep
         serving the port and no caller may see an error:
 
@@ -126,9 +150,14 @@ class GatewayServer:
           more request, answered with `Connection: close`, so its caller
           reconnects (to another instance) rather than finding it cut.
         - A connection is closed only once its requests are done and no
-          request has come in for QUIET seconds: an idle keep-alive
+          request has come in for `quiet` seconds: an idle keep-alive
           connection may have a request on its way. DRAIN_TIMEOUT bounds it all.
         """
+        in_flight = self.context.in_flight
+        in_flight.draining = True  # /readyz answers 503 from now on
+        if self.settings.drain_grace:
+            log.info("draining: /readyz is 503; closing the listener in %g s", self.settings.drain_grace)
+            await asyncio.sleep(self.settings.drain_grace)
         quiet = 1.0  # seconds without a request before idle connections are cut
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
@@ -145,15 +174,13 @@ class GatewayServer:
                     server._handle_connection(connection, address)
             server.stop()
             server.conn_params.no_keep_alive = True
-        in_flight = self.context.in_flight
-        in_flight.draining = True
         log.info("draining %d in-flight request(s)", in_flight.count)
 
         def open_connections() -> int:
             return sum(len(server._connections) for server in self.servers)
 
         quiet_since, seen = loop.time(), open_connections()
-        while seen and loop.time() < deadline:
+        while (seen or in_flight.count) and loop.time() < deadline:
             if in_flight.count:
                 if not await in_flight.wait_idle(deadline - loop.time()):
                     break
@@ -169,6 +196,7 @@ class GatewayServer:
         for server in self.servers:
             await server.close_all_connections()
         self.context.upstream.close()
+        await self.context.quota.close()
 
 
 def tell_pm2_ready() -> None:
@@ -211,6 +239,11 @@ async def serve(args: argparse.Namespace) -> int:
         print("Set these in the environment or in .env (see sample.env).", file=sys.stderr)
         return 2
 
+    if not settings.caller_keys:
+        log.warning(
+            "no caller keys configured (API_KEYS, or keys: in DEPLOYMENTS_FILE): "
+            "the gateway is open to anyone who can reach it"
+        )
     server = GatewayServer(make_app(settings), settings)
     try:
         server.start()

@@ -1,14 +1,10 @@
-"""Per-key limits and usage, in memory and in a real Redis started for each test."""
+"""Per-key limits and usage, in memory and in a real Redis started for each test
+(the `start_redis` and `redis_server` fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -26,88 +22,8 @@ from gateway.quota import (
     window_of,
 )
 
-REDIS_READY_TIMEOUT = 10.0
 # The start of some minute, far from the present so no real clock matters.
 T0 = 29_000_000 * 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            reply = sock.recv(64)
-    except OSError:
-        return False
-    # Without AUTH a password-protected server answers NOAUTH: it is up all the same.
-    return reply.startswith((b"+PONG", b"-NOAUTH"))
-
-
-class RedisServer:
-    """A redis-server subprocess on 127.0.0.1, with nothing saved to disk."""
-
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
-        self.workdir = workdir
-        self.password = password
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (Debian package: redis-server)")
-        command = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-        ]  # fmt: skip
-        if self.password:
-            command += ["--requirepass", self.password]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + REDIS_READY_TIMEOUT
-        while not answers_ping(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"redis-server did not answer PING on port {self.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-        if self.process is not None:
-            self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def start_redis(tmp_path: Path):
-    """Start a redis-server (optionally with a password); every one is killed after the test."""
-    servers: list[RedisServer] = []
-
-    def start(password: str | None = None) -> RedisServer:
-        server = RedisServer(tmp_path, password)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def redis_server(start_redis: Callable[..., RedisServer]) -> RedisServer:
-    return start_redis()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import selectors
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -160,3 +161,20 @@ async def test_https_serves_with_the_given_certificate_and_hsts(start_gateway, c
         headers={"Content-Type": "application/json"}, ca_certs=cert,
     )
     assert json.loads(chat.body)["choices"][0]["message"]["content"] == "You said: secure"
+
+
+def test_drain_grace_makes_readyz_503_while_still_serving(tmp_path, spawn):
+    port = free_port()
+    server = spawn(server_env(tmp_path, HTTP_PORT=str(port), DRAIN_GRACE="3"), "--emulator")
+    server.wait_for(r"listening on http://")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as ready:
+        assert json.loads(ready.read()) == {"status": "ready"}
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for(r"draining: /readyz is 503")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    assert caught.value.code == 503
+    caught.value.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as health:
+        assert health.status == 200
+    assert server.proc.wait(STARTUP_TIMEOUT) == 0
