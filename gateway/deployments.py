@@ -106,6 +106,8 @@ def load_deployments(document: Any, environ: Mapping[str, str]) -> tuple[Deploym
         seen.add(entry["name"])
         key = expand_variables(entry["key"], environ, f"{label}.key", problems)
         endpoint = expand_variables(entry["endpoint"], environ, f"{label}.endpoint", problems)
+        if endpoint and not endpoint.startswith(("https://", "http://")):
+            problems.append(f"{label}.endpoint: must be a URL starting with https:// (or http://)")
         deployments.append(
             Deployment(
                 name=entry["name"],

@@ -111,20 +111,20 @@ class ChatProxyHandler(JsonBodyHandler):
         await self.account()
 
     def allowed_candidates(self, model: str | None) -> tuple[Deployment, ...]:
-        """Deployments serving `model` that the caller's key may use."""
+        """Deployments serving `model` that the caller's key may use.
+
+        A key's `models` name deployments by any of their names, so asking for
+        a deployment by its alias is the same as asking by its model name.
+        """
         candidates = self.context.pool.candidates(model)
         if not candidates:
             raise self.unknown_model(model)
         allowed = self.caller.models if self.caller else None
         if allowed is None:
             return candidates
-        if model is not None:
-            self.context.keyring.check_model(self.caller, [model])
-        usable = tuple(
-            d for d in candidates if {d.name, d.deployment, *d.models} & set(allowed)
-        )
+        usable = tuple(d for d in candidates if {d.name, d.deployment, *d.models} & set(allowed))
         if not usable:
-            self.context.keyring.check_model(self.caller, [])
+            self.context.keyring.check_model(self.caller, [model] if model else [])
         return usable
 
     async def admit(self) -> None:

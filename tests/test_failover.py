@@ -262,3 +262,12 @@ def test_unreadable_or_invalid_yaml(tmp_path):
     assert problems(tmp_path, "deployments: []") == [
         "DEPLOYMENTS_FILE deployments: must have at least 1 item(s) (got [])"
     ]
+
+
+def test_endpoint_may_come_from_a_variable(tmp_path):
+    text = GOOD.replace("endpoint: https://east.example.com/", "endpoint: ${EAST_URL}")
+    settings = load(tmp_path, text, EAST_KEY="k", EAST_URL="https://east.example.com")
+    assert settings.deployments[0].endpoint == "https://east.example.com"
+    assert problems(tmp_path, text, EAST_KEY="k", EAST_URL="east.example.com") == [
+        "DEPLOYMENTS_FILE deployments[0] (east).endpoint: must be a URL starting with https:// (or http://)"
+    ]
