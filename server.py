@@ -31,7 +31,7 @@ from gateway.metrics import Metrics
 from gateway.quota import MemoryQuota, RedisQuota
 from gateway.routing import DeploymentPool, Failover
 from gateway.upstream import UpstreamClient
-from gateway.validation import compile_validator, load_registry
+from gateway.validation import BodyValidator, load_registry
 from handlers.base import NotFoundHandler
 from handlers.chat import GptChatHandler
 from handlers.openai import AzureChatHandler, ModelsHandler, OpenAIChatHandler
@@ -78,7 +78,7 @@ def make_app(settings: Settings) -> Application:
             pool, max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait
         ),
         validators={
-            name: compile_validator(f"{name}.schema.json", registry)
+            name: BodyValidator(f"{name}.schema.json", registry)
             for name in ("gpt_chat", "chat_completions")
         },
         keyring=KeyRing(settings.caller_keys),

@@ -6,8 +6,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from jsonschema import Draft202012Validator
-
 from .accesslog import write_access_log
 from .config import Settings
 from .deployments import Deployment
@@ -16,6 +14,7 @@ from .metrics import Metrics
 from .quota import QuotaStore
 from .routing import DeploymentPool, Failover
 from .upstream import UpstreamClient
+from .validation import BodyValidator
 
 
 class InFlight:
@@ -49,7 +48,7 @@ class InFlight:
 class GatewayContext:
     settings: Settings
     upstream: UpstreamClient
-    validators: dict[str, Draft202012Validator]
+    validators: dict[str, BodyValidator]
     pool: DeploymentPool
     failover: Failover
     keyring: KeyRing

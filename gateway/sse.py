@@ -21,14 +21,16 @@ class EventFramer:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the events completed by `chunk`, separator included."""
-        self._buffer += chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         events = []
+        start = 0
         while True:
-            end = _event_end(self._buffer)
+            end = _event_end(buffer, start)
             if end < 0:
                 break
-            events.append(self._buffer[:end])
-            self._buffer = self._buffer[end:]
+            events.append(buffer[start:end])
+            start = end
+        self._buffer = buffer[start:]
         return events
 
     @property
@@ -37,8 +39,12 @@ class EventFramer:
         return self._buffer
 
 
-def _event_end(buffer: bytes) -> int:
-    ends = [index + len(sep) for sep in _SEPARATORS if (index := buffer.find(sep)) >= 0]
+def _event_end(buffer: bytes, start: int) -> int:
+    # Azure separates events with a blank line of LFs; CR forms are rarer.
+    index = buffer.find(b"\n\n", start)
+    if b"\r" not in buffer:
+        return -1 if index < 0 else index + 2
+    ends = [i + len(sep) for sep in _SEPARATORS if (i := buffer.find(sep, start)) >= 0]
     return min(ends) if ends else -1
 
 

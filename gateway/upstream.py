@@ -92,6 +92,8 @@ class StreamSink(Protocol):
 
     def send(self, event: bytes) -> None: ...
 
+    def flush_events(self) -> None: ...
+
     def fail(self, error: GatewayError) -> None: ...
 
 
@@ -236,13 +238,18 @@ class _StreamRelay:
             if len(self.error_body) < MAX_ERROR_BODY:
                 self.error_body += chunk
             return
-        for event in self.framer.feed(chunk):
+        events = self.framer.feed(chunk)
+        for event in events:
             if not self.started:
                 self.started = True
                 self.sink.start(self.headers)
             if is_done(event):
                 self.done = True
             self.sink.send(event)
+        if events:
+            # One write to the caller per read from Azure: events that arrived
+            # together leave together, and none waits for a later read.
+            self.sink.flush_events()
 
     def arm_timer(self) -> None:
         self._timer = IOLoop.current().call_later(

@@ -12,7 +12,6 @@ from typing import Any
 
 from gateway.errors import GatewayError, render_openai_error
 from gateway.upstream import UpstreamResponse
-from gateway.validation import validate_body
 
 from .base import BaseHandler
 from .chat import ChatProxyHandler
@@ -31,7 +30,7 @@ class OpenAIChatHandler(OpenAIErrorsMixin, ChatProxyHandler):
     route = "chat_completions"
 
     def upstream_body(self, request: dict[str, Any], *path_args: str) -> tuple[dict[str, Any], str | None]:
-        validate_body(self.context.validators["chat_completions"], request)
+        self.context.validators["chat_completions"].validate(request)
         model = request.get("model")
         return request, model if isinstance(model, str) else None
 
@@ -61,7 +60,7 @@ class AzureChatHandler(OpenAIChatHandler):
                 "Resource not found: the api-version query parameter is required.",
                 param="api-version",
             )
-        validate_body(self.context.validators["chat_completions"], request)
+        self.context.validators["chat_completions"].validate(request)
         return request, path_args[0]
 
     def unknown_model(self, model: str | None) -> GatewayError:

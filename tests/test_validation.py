@@ -3,24 +3,23 @@
 import pytest
 
 from gateway.errors import GatewayError
-from gateway.validation import compile_validator, load_registry, validate_body
+from gateway.validation import BodyValidator, load_registry
 
 
 @pytest.fixture(scope="module")
 def validator():
-    return compile_validator("gpt_chat.schema.json", load_registry())
+    return BodyValidator("gpt_chat.schema.json", load_registry())
 
 
 def rejection(validator, body) -> GatewayError:
     with pytest.raises(GatewayError) as caught:
-        validate_body(validator, body)
+        validator.validate(body)
     assert caught.value.status == 400
     return caught.value
 
 
 def test_full_original_body_is_valid(validator):
-    validate_body(
-        validator,
+    validator.validate(
         {
             "prompt": "Hi",
             "systemPrompt": "Be brief",
@@ -36,7 +35,7 @@ def test_full_original_body_is_valid(validator):
             "user": "u1",
         },
     )
-    validate_body(validator, {"userPrompt": "Hi", "stop": "END"})
+    validator.validate({"userPrompt": "Hi", "stop": "END"})
 
 
 @pytest.mark.parametrize(
