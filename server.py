@@ -16,6 +16,7 @@ import ssl
 import sys
 from typing import Mapping
 
+import uvloop
 from prometheus_client import CollectorRegistry
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -281,7 +282,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     configure_logging()
-    return asyncio.run(serve(args))
+    # uvloop: about 8 % less CPU per request than asyncio's own loop (bench/README.md).
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(args))
 
 
 def configure_logging() -> None:
