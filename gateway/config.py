@@ -27,7 +27,7 @@ DEFAULT_HOST = "0.0.0.0"
 DEFAULT_HTTP_PORT = 80
 DEFAULT_HTTPS_PORT = 443
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
-DEFAULT_MAX_CLIENTS = 1000
+DEFAULT_MAX_CLIENTS = 2000
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_FIRST_BYTE_TIMEOUT = 60.0
 DEFAULT_REQUEST_TIMEOUT = 600.0
@@ -299,8 +299,6 @@ def load_settings(
             if variable not in values:
                 problems.append(f"{variable}: is required when ENABLE_SSL is true")
 
-    if problems:
-        raise ConfigError(problems)
     names = [key.name for key in caller_keys]
     problems.extend(
         f"API_KEYS/DEPLOYMENTS_FILE keys: the name {name!r} is used twice"

@@ -15,9 +15,10 @@ exchange is waiting on, so the answer (or the retry) goes out at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import pycurl
 from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
@@ -83,6 +84,7 @@ class UpstreamResponse:
     status: int
     headers: HTTPHeaders
     body: bytes
+    document: dict[str, Any]  # the body, parsed
 
 
 class StreamSink(Protocol):
@@ -169,7 +171,19 @@ class UpstreamClient:
             raise map_transport_error(outcome.errno, outcome.message)
         if outcome.code != 200:
             raise map_upstream_status(outcome.code, outcome.headers, outcome.body or b"")
-        return UpstreamResponse(outcome.code, outcome.headers, outcome.body)
+        try:
+            document = json.loads(outcome.body)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise GatewayError(
+                502,
+                "upstream_invalid_response",
+                "Azure OpenAI answered 200 with a body that is not a JSON object.",
+                upstream_status=200,
+                upstream_headers=outcome.headers,
+            )
+        return UpstreamResponse(outcome.code, outcome.headers, outcome.body, document)
 
     async def stream(
         self, deployment: Deployment, body: bytes, call: UpstreamCall, sink: StreamSink

@@ -100,11 +100,10 @@ class ChatProxyHandler(JsonBodyHandler):
         payload = self.raw_body if body is request else compact_json(body)
         response = await self.relay(body, payload, candidates)
         if response is not None:
-            document = json.loads(response.body)
-            self.usage = document.get("usage")
+            self.usage = response.document.get("usage")
             self.upstream_status = response.status
             self._relay_headers(response.headers)
-            self.write_completion(response, document)
+            self.write_completion(response)
         elif not self.caller_gone:
             self.finish()
         await self.account()
@@ -189,8 +188,8 @@ class ChatProxyHandler(JsonBodyHandler):
             name, self.caller, self.deployment.name, prompt, completion
         )
 
-    def write_completion(self, response: UpstreamResponse, document: dict[str, Any]) -> None:
-        """Answer with Azure's non-stream completion (`document` is its parsed body)."""
+    def write_completion(self, response: UpstreamResponse) -> None:
+        """Answer with Azure's non-stream completion."""
         raise NotImplementedError
 
     def stream_error_payload(self, error: GatewayError) -> dict[str, Any]:
@@ -269,11 +268,11 @@ class GptChatHandler(ChatProxyHandler):
         self.context.validators["gpt_chat"].validate(request)
         return build_gpt_chat_body(request, self.context.settings.parameter_defaults), None
 
-    def write_completion(self, response: UpstreamResponse, document: dict[str, Any]) -> None:
+    def write_completion(self, response: UpstreamResponse) -> None:
         # Azure's object with "success": 1 in front, spliced rather than re-encoded.
         body = response.body.lstrip()
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(b'{"success":1,' + body[1:] if document else b'{"success":1}')
+        self.finish(b'{"success":1,' + body[1:] if response.document else b'{"success":1}')
 
     def stream_error_payload(self, error: GatewayError) -> dict[str, Any]:
         return render_envelope(error)

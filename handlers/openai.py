@@ -34,7 +34,7 @@ class OpenAIChatHandler(OpenAIErrorsMixin, ChatProxyHandler):
         model = request.get("model")
         return request, model if isinstance(model, str) else None
 
-    def write_completion(self, response: UpstreamResponse, document: dict[str, Any]) -> None:
+    def write_completion(self, response: UpstreamResponse) -> None:
         self.set_header("Content-Type", "application/json")
         self.finish(response.body)
 
