@@ -8,6 +8,9 @@ import json
 import logging
 
 import pytest
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
 from tornado.httpclient import HTTPClientError
 
 from gateway.emulator import Fault
@@ -396,3 +399,24 @@ async def test_key_never_in_logs_or_responses(start_gateway, caplog):
         assert EMULATOR_KEY not in text and "wrong-key-value-77" not in text
     assert caplog.records
     assert EMULATOR_KEY not in caplog.text and "wrong-key-value-77" not in caplog.text
+
+
+class NotJsonUpstream(tornado.web.RequestHandler):
+    def post(self, _deployment: str) -> None:
+        self.set_header("Content-Type", "text/html")
+        self.finish(b"<html>maintenance</html>")
+
+
+@pytest.mark.gen_test
+async def test_a_200_that_is_not_json_is_a_clear_502(start_gateway):
+    app = tornado.web.Application([(r"/openai/deployments/([^/]+)/chat/completions", NotJsonUpstream)])
+    sock, port = bind_unused_port()
+    server = HTTPServer(app)
+    server.add_sockets([sock])
+    try:
+        gateway = start_gateway(ENDPOINT=f"http://127.0.0.1:{port}", MAX_ATTEMPTS="1")
+        response = await gateway.post("/v1/gpt/chat", {"prompt": "x"})
+        assert response.code == 502
+        assert json.loads(response.body)["error"]["code"] == "upstream_invalid_response"
+    finally:
+        server.stop()
