@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import selectors
 import shutil
 import socket
 import subprocess
@@ -195,3 +198,66 @@ def start_redis(tmp_path: Path):
 @pytest.fixture
 def redis_server(start_redis: Callable[..., RedisServer]) -> RedisServer:
     return start_redis()
+
+
+# --- server.py as a child process -------------------------------------------
+
+STARTUP_TIMEOUT = 20.0
+
+
+def server_env(tmp_path, **extra: str) -> dict[str, str]:
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    return {"PATH": os.environ["PATH"], "ENV_FILE": str(env_file), "HOST": "127.0.0.1", **extra}
+
+
+class ServerProcess:
+    """server.py in a child process, with its output read as it comes."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "server.py", *args], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.output = ""
+        self._seen = 0
+
+    def wait_for(self, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match:
+        """The first match of `pattern` in output not yet matched, within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while True:
+                match = re.compile(pattern).search(self.output, self._seen)
+                if match:
+                    self._seen = match.end()
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    break
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                self.output += chunk.decode()
+        raise AssertionError(f"no output matching {pattern!r} in:\n{self.output}")
+
+    def finish(self, timeout: float = STARTUP_TIMEOUT) -> str:
+        remaining, _ = self.proc.communicate(timeout=timeout)
+        self.output += remaining.decode()
+        return self.output
+
+
+@pytest.fixture
+def spawn():
+    started: list[ServerProcess] = []
+
+    def start(env: dict[str, str], *args: str) -> ServerProcess:
+        started.append(ServerProcess(env, *args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.wait(10)
+        server.proc.stdout.close()

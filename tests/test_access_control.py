@@ -25,8 +25,15 @@ import gateway.quota as quota_module
 from gateway.emulator import AzureEmulator, words
 from gateway.sse import EventFramer, event_data
 
-from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY, RedisServer, RunningGateway, free_port
-from .test_server import ServerProcess, server_env
+from .conftest import (
+    API_VERSION,
+    DEPLOYMENT,
+    EMULATOR_KEY,
+    RedisServer,
+    RunningGateway,
+    free_port,
+    server_env,
+)
 
 # Caller keys; none of them may ever show in a log line, a metric or a body.
 ADMIN_KEY = "sk-admin-5f1d0c9e7a"
@@ -344,22 +351,6 @@ async def clear_of_minute_turn(margin: float = 2.0) -> None:
 
 
 @pytest.fixture
-def spawn_servers():
-    started: list[ServerProcess] = []
-
-    def spawn(env: dict[str, str]) -> ServerProcess:
-        started.append(ServerProcess(env))
-        return started[-1]
-
-    yield spawn
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        server.proc.wait(10)
-        server.proc.stdout.close()
-
-
-@pytest.fixture
 def client():
     http = AsyncHTTPClient(force_instance=True)
     yield http
@@ -368,7 +359,7 @@ def client():
 
 @pytest.mark.gen_test(timeout=40)
 async def test_two_processes_sharing_redis_hold_the_limit_between_them(
-    tmp_path, emulator: AzureEmulator, start_redis, spawn_servers, client
+    tmp_path, emulator: AzureEmulator, start_redis, spawn, client
 ):
     redis_password = "redis-pw-4d2c8e1f6b"
     redis = start_redis(password=redis_password)
@@ -385,7 +376,7 @@ async def test_two_processes_sharing_redis_hold_the_limit_between_them(
     )
     ports = [free_port(), free_port()]
     servers = [
-        spawn_servers(
+        spawn(
             server_env(
                 tmp_path, HTTP_PORT=str(port), ENDPOINT=emulator.url, KEY=EMULATOR_KEY,
                 DEPLOYMENT_NAME=DEPLOYMENT, API_VERSION=API_VERSION, API_KEYS=open_key,
