@@ -11,6 +11,7 @@
 // starts the replacement and moves on to the next instance only once that one
 // has sent "ready" (wait_ready), i.e. once it listens. So run at least two
 // instances: with one, a reload leaves the port closed for a moment.
+const fs = require('fs');
 const path = require('path');
 
 const SECOND = 1000;
@@ -18,6 +19,12 @@ const SECOND = 1000;
 // kill_timeout must outlast the drain, or PM2 SIGKILLs streams still in flight.
 // DRAIN_TIMEOUT is 30 s by default; if it is raised in this environment, follow it.
 const drainSeconds = Number(process.env.DRAIN_TIMEOUT) || 30;
+
+// Every instance writes its metric values here and any instance's /metrics
+// shows the sum (prometheus-client's multiprocess mode). Files of instances a
+// reload replaced stay, so counters keep counting across reloads.
+const metricsDir = process.env.PROMETHEUS_MULTIPROC_DIR || path.join(__dirname, '.metrics');
+fs.mkdirSync(metricsDir, { recursive: true });
 
 module.exports = {
   apps: [
@@ -44,6 +51,7 @@ module.exports = {
       autorestart: true,
       env: {
         PYTHONUNBUFFERED: '1',
+        PROMETHEUS_MULTIPROC_DIR: metricsDir,
       },
     },
   ],

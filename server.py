@@ -28,7 +28,7 @@ from gateway.errors import ConfigError
 from gateway.context import GatewayContext
 from gateway.emulator import AzureEmulator
 from gateway.keys import KeyRing
-from gateway.metrics import Metrics
+from gateway.metrics import MULTIPROC_DIR_VARIABLE, Metrics, forget_dead_processes
 from gateway.quota import MemoryQuota, RedisQuota
 from gateway.routing import DeploymentPool, Failover
 from gateway.upstream import UpstreamClient
@@ -240,6 +240,11 @@ async def serve(args: argparse.Namespace) -> int:
         print("Set these in the environment or in .env (see sample.env).", file=sys.stderr)
         return 2
 
+    metrics_dir = os.environ.get(MULTIPROC_DIR_VARIABLE)
+    if metrics_dir:
+        # Several instances share their metrics here; a crashed one's gauges must stop counting.
+        os.makedirs(metrics_dir, exist_ok=True)
+        forget_dead_processes(metrics_dir)
     if not settings.caller_keys:
         log.warning(
             "no caller keys configured (API_KEYS, or keys: in DEPLOYMENTS_FILE): "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import API_VERSION, DEPLOYMENT, PYTHON, ROOT, free_port
 
@@ -168,6 +169,7 @@ def pm2(tmp_path: Path, shared_emulator: tuple[str, str]) -> Iterator[Pm2]:
         "API_VERSION": API_VERSION,
         "DRAIN_TIMEOUT": "20",
         "PM2_INSTANCES": str(INSTANCES),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
     runner = Pm2(home, env)
     try:
@@ -290,6 +292,23 @@ def streamed_text(data: bytes) -> str | None:
     return "".join(text)
 
 
+def served_requests(port: str) -> float:
+    """gateway_requests_total for /v1/gpt/chat answered 200, as any instance's /metrics shows it."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total"
+        and sample.labels == {"route": "gpt_chat", "status": "200"}
+    )
+
+
 def post_json(url: str, obj: dict) -> None:
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -344,6 +363,9 @@ def test_pm2_start_waits_for_ready_and_reload_under_load_drops_nothing(
     # The load really overlapped the reload.
     assert load.completed_between("stream", reload_started, reload_ended) >= STREAM_WORKERS
     assert load.completed_between("short", reload_started, reload_ended) >= 20
+    # Metrics are the sum over every instance, the replaced ones included.
+    served = served_requests(pm2.env["HTTP_PORT"])
+    assert served == len(load.done["stream"]) + len(load.done["short"]), served
     print(
         f"pm2 start {start_seconds:.2f}s, reload {reload_ended - reload_started:.2f}s, "
         f"{len(load.done['stream'])} streams and {len(load.done['short'])} short requests, no failure"
