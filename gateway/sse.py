@@ -59,7 +59,8 @@ def event_data(event: bytes) -> bytes:
 
 
 def is_done(event: bytes) -> bool:
-    return event_data(event).strip() == b"[DONE]"
+    # The substring test first: it is false for every event but the last.
+    return b"[DONE]" in event and event_data(event).strip() == b"[DONE]"
 
 
 def usage_in(event: bytes) -> dict | None:
