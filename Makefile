@@ -20,5 +20,10 @@ start: install
 		HTTP_PORT=$${HTTP_PORT:-8080} exec $(PY) server.py --emulator; \
 	fi
 
-test: install
+# PM2 for the reload test, as package-lock.json pins it.
+node_modules/.bin/pm2: package.json package-lock.json
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund; \
+	else echo "npm not found: the PM2 reload test will be skipped (apt-get install nodejs npm)"; fi
+
+test: install node_modules/.bin/pm2
 	$(PY) -m pytest
