@@ -34,7 +34,7 @@ def test_defaults_and_upstream_url(tmp_path):
     assert loaded.http_port == 80 and loaded.https_port == 443
     assert loaded.enable_ssl is False
     assert loaded.max_body_size == 1024 * 1024
-    assert loaded.max_clients == 2000
+    assert loaded.max_clients == 1000
     assert dict(loaded.parameter_defaults) == {}
     assert loaded.deployments[0].chat_url == (
         "https://example.openai.azure.com/openai/deployments/gpt-4o"
