@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-DONE_EVENT = b"data: [DONE]\n\n"
 _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 
 
