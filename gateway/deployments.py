@@ -61,17 +61,18 @@ def entry_label(section: str, index: int, entry: Any) -> str:
     return f"{section}[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
 
 
-def expand_variables(value: str, environ: Mapping[str, str], where: str, problems: list[str]) -> str:
-    """Replace each `${VAR}` with its value; an unset or empty VAR is a problem naming it."""
+def expand_variables(raw: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """`raw` with every `${VAR}` replaced from `environ`, and the variables unset or empty there."""
+    missing: list[str] = []
 
     def substitute(match: re.Match[str]) -> str:
         variable = match.group(1)
         if not environ.get(variable):
-            problems.append(f"{where}: ${{{variable}}} is not set in the environment")
+            missing.append(variable)
             return ""
         return environ[variable]
 
-    return _VARIABLE.sub(substitute, value)
+    return _VARIABLE.sub(substitute, raw), list(dict.fromkeys(missing))
 
 
 def schema_problems(document: Any, schema_id: str, prefix: str) -> list[str]:
@@ -104,8 +105,14 @@ def load_deployments(document: Any, environ: Mapping[str, str]) -> tuple[Deploym
         if entry["name"] in seen:
             problems.append(f"{label}.name: duplicate name {entry['name']!r}")
         seen.add(entry["name"])
-        key = expand_variables(entry["key"], environ, f"{label}.key", problems)
-        endpoint = expand_variables(entry["endpoint"], environ, f"{label}.endpoint", problems)
+        fields = {}
+        for field in ("key", "endpoint"):
+            fields[field], missing = expand_variables(entry[field], environ)
+            problems.extend(
+                f"{label}.{field}: ${{{variable}}} is not set in the environment"
+                for variable in missing
+            )
+        key, endpoint = fields["key"], fields["endpoint"]
         if endpoint and not endpoint.startswith(("https://", "http://")):
             problems.append(f"{label}.endpoint: must be a URL starting with https:// (or http://)")
         deployments.append(

@@ -69,7 +69,7 @@ class GatewayError(Exception):
     def error_object(self) -> dict[str, Any]:
         """The `error` member: Azure's own object when the failure is Azure's, else ours."""
         if self.upstream_error is not None and self.status < 500:
-            return self.upstream_error
+            return dict(self.upstream_error)
         error = {
             "code": self.code,
             "message": self.message,

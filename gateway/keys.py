@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from jsonschema.exceptions import ValidationError
 
+from .deployments import entry_label, expand_variables
 from .errors import ConfigError, GatewayError
 from .secret import Secret
 from .validation import compile_validator, load_registry
@@ -28,9 +28,6 @@ from .validation import compile_validator, load_registry
 KEYS_SCHEMA_ID = "keys.schema.json"
 FINGERPRINT_LENGTH = 12
 DEFAULT_KEYS_SOURCE = "DEPLOYMENTS_FILE"
-
-# `${VAR}` inside a key's value, expanded from the environment.
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # The rule each field of a `keys:` entry breaks, in the words of a config error.
 _FIELD_RULES = {
@@ -116,7 +113,7 @@ def keys_from_yaml(
         if not isinstance(entry, dict):
             values.append("")
             continue
-        where = _entry_label(index, entry)
+        where = entry_label("keys", index, entry)
         name = entry.get("name")
         if isinstance(name, str) and name:
             if name in named_at:
@@ -128,7 +125,7 @@ def keys_from_yaml(
         if not isinstance(raw_key, str) or not raw_key:
             values.append("")
             continue
-        value, missing = _expand(raw_key, environ)
+        value, missing = expand_variables(raw_key, environ)
         for variable in missing:
             problems.append(
                 f"{source} {where}.key: environment variable {variable} is not set"
@@ -158,32 +155,12 @@ def keys_from_yaml(
     ]
 
 
-def _expand(raw: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
-    """`raw` with every `${VAR}` replaced, and the variables that are unset or empty."""
-    missing: list[str] = []
-
-    def replace(match: re.Match[str]) -> str:
-        value = environ.get(match.group(1))
-        if not value:
-            missing.append(match.group(1))
-            return ""
-        return value
-
-    return _VARIABLE.sub(replace, raw), list(dict.fromkeys(missing))
-
-
-def _entry_label(index: int, entry: Any) -> str:
-    """`keys[1] (alice)`, or `keys[1]` when the entry has no usable name."""
-    name = entry.get("name") if isinstance(entry, dict) else None
-    return f"keys[{index}] ({name})" if isinstance(name, str) and name else f"keys[{index}]"
-
-
 def _schema_problem(error: ValidationError, entries: Any) -> str:
     """One schema violation as `keys[i] (name).field: rule`, without the offending value."""
     path = list(error.absolute_path)
     if not path:
         return "keys: must be a list of key entries"
-    where = _entry_label(path[0], entries[path[0]])
+    where = entry_label("keys", path[0], entries[path[0]])
     if len(path) > 1:
         field = str(path[1])
         return f"{where}.{field}: {_FIELD_RULES.get(field, 'is not valid')}"

@@ -96,9 +96,7 @@ class ChatProxyHandler(JsonBodyHandler):
         body, model = self.upstream_body(request, *path_args)
         candidates = self.allowed_candidates(model)
         await self.admit()
-        # The caller's own bytes go upstream when the route forwards its body as it came.
-        payload = self.raw_body if body is request else compact_json(body)
-        response = await self.relay(body, payload, candidates)
+        response = await self.relay(body, body is request, candidates)
         if response is not None:
             self.usage = response.document.get("usage")
             self.upstream_status = response.status
@@ -144,18 +142,26 @@ class ChatProxyHandler(JsonBodyHandler):
             )
 
     async def relay(
-        self, body: dict[str, Any], payload: bytes, candidates: tuple[Deployment, ...]
+        self, body: dict[str, Any], as_sent: bool, candidates: tuple[Deployment, ...]
     ) -> UpstreamResponse | None:
         """Send `body` to one of `candidates`, failing over by the routing rules.
 
-        A stream is relayed to the caller as it arrives (None is returned);
-        a non-stream answer is returned for the route to shape.
+        `as_sent`: `body` is the caller's own, so its bytes can go upstream
+        unchanged. A stream is relayed to the caller as it arrives (None is
+        returned); a non-stream answer is returned for the route to shape.
         """
         stream = bool(body.get("stream"))
         self.wants_stream_usage = caller_wants_stream_usage(body)
-        counted = payload
-        if stream and not self.wants_stream_usage:
-            counted = compact_json(with_stream_usage(body))
+        encoded: dict[bool, bytes] = {}
+
+        def payload(ask_usage: bool) -> bytes:
+            """The upstream bytes, made once each: with our usage request, or as given."""
+            if ask_usage not in encoded:
+                if ask_usage:
+                    encoded[ask_usage] = compact_json(with_stream_usage(body))
+                else:
+                    encoded[ask_usage] = self.raw_body if as_sent else compact_json(body)
+            return encoded[ask_usage]
 
         async def attempt(deployment: Deployment) -> UpstreamResponse | None:
             self.deployment = deployment
@@ -164,9 +170,9 @@ class ChatProxyHandler(JsonBodyHandler):
             self.call = UpstreamCall(self.request_id)
             upstream = self.context.upstream
             if not stream:
-                return await upstream.complete(deployment, payload, self.call)
-            usage_asked = supports_stream_usage(deployment.api_version)
-            await upstream.stream(deployment, counted if usage_asked else payload, self.call, self)
+                return await upstream.complete(deployment, payload(False), self.call)
+            ask_usage = not self.wants_stream_usage and supports_stream_usage(deployment.api_version)
+            await upstream.stream(deployment, payload(ask_usage), self.call, self)
             return None
 
         return await self.context.failover.run(
