@@ -7,11 +7,12 @@
     .venv/bin/python bench/run.py --profile        # also sample the server with py-spy under load
 
 It starts bench/fast_upstream.py (the emulator's bytes from a bare asyncio
-server) and server.py pointed at it, drives them with wrk (the Debian package;
-installed here when run as root with apt, else explained), and with its own
-client (bench/loadgen.py) for what wrk cannot do. Everything runs on 127.0.0.1
-and every loop is bounded in count and time. bench/README.md says what each
-figure means.
+server), server.py pointed at it, and bench/reference_proxy.py (the bare
+Tornado proxy some targets are stated as ratios to), drives them with wrk (the
+Debian package; installed here when run as root with apt, else explained), and
+with its own client (bench/loadgen.py) for what wrk cannot do. Everything runs
+on 127.0.0.1 and every loop is bounded in count and time. bench/README.md says
+what each figure means.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ TARGET_ADDED_P50_MS = 0.4
 TARGET_RPS = 3000  # 2x the original Express service's ~1,500 req/s on this kind of machine
 TARGET_EVENT_MS = 2.0
 TARGET_RSS_MB = 250
+# ... and those stated as ratios to the reference proxy, measured in the same run.
+TARGET_CPU_REQUEST_RATIO = 1.0
+TARGET_CPU_STREAM_RATIO = 1.1
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ ROUTES = {
 }
 # The stand-in itself, as Azure: the "direct" baseline.
 DIRECT = Route("direct", ROUTES["azure"].path, {"messages": MESSAGES}, {"messages": MESSAGES, "stream": True})
+# bench/reference_proxy.py, sent the OpenAI route's requests: the "reference" baseline.
+REFERENCE = dataclasses.replace(ROUTES["openai"], name="reference")
 
 
 @dataclass(frozen=True)
@@ -303,9 +309,24 @@ class Bench:
         bound = int(proc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
         return proc, bound
 
+    def start_reference(self) -> tuple[Proc, int]:
+        """bench/reference_proxy.py in front of the stand-in, on the server's CPUs."""
+        proc = Proc(
+            "reference",
+            [self.python, str(BENCH / "reference_proxy.py"), "--port", "0", "--key", KEY,
+             "--upstream", f"http://127.0.0.1:{self.upstream_port}{DIRECT.path}"],
+            {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"},
+            self.workdir / "reference.log",
+        )
+        if self.server_cpus is not None:
+            set_affinity(proc.pid, self.server_cpus)
+        self.procs.append(proc)
+        bound = int(proc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+        return proc, bound
+
     def stop(self, proc: Proc) -> None:
         proc.stop()
-        if proc.name.startswith("server"):
+        if proc.name.startswith(("server", "reference")):
             problems = proc.log_problems()
             if problems:
                 self.errors.append(f"{proc.name} logged {len(problems)} problem line(s), first: {problems[0]}")
@@ -777,7 +798,8 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             "wrk_version": wrk_version(bench.wrk),
             "caller_keys": not args.open,
             "pinned": bench.pin,
-            "pinning": f"server on CPU {min(ALL_CPUS)}; load generator, stand-in and this script on the rest"
+            "pinning": f"server and reference proxy on CPU {min(ALL_CPUS)}; load generator, stand-in and "
+                       "this script on the rest"
             if bench.pin else "none",
             "loadavg_before": loadavg(),
             "plan": dataclasses.asdict(plan),
@@ -785,6 +807,7 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             "logs": str(workdir),
         },
         "direct": {},
+        "reference": {},
         "routes": {},
         "profile": {},
         "errors": bench.errors,
@@ -844,6 +867,31 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         direct["events_large"] = phase("direct event latency, large events",
                                        lambda: bench.event_latency(bench.upstream_port, DIRECT, plan.pad))
 
+        def proxied(proc: Proc, port: int, route: Route, out: dict[str, Any]) -> None:
+            """The runs a route and the reference share: 50-connection throughput, 1-connection latency."""
+            out["nonstream_c50"] = phase("non-stream, 50 connections", lambda: slim(bench.measured(
+                f"{route.name} nonstream c50", [proc], port, route, False, plan.connections)))
+            out["stream_c50"] = phase("stream, 50 connections", lambda: slim(bench.measured(
+                f"{route.name} stream c50", [proc], port, route, True, plan.connections, short_generator,
+                None if not plan.quick else short_duration)))
+            out["nonstream_c1"] = phase("non-stream, 1 connection", lambda: slim(bench.measured(
+                f"{route.name} nonstream c1", [proc], port, route, False, 1, short_generator, short_duration)))
+            out["stream_c1"] = phase("stream, 1 connection", lambda: slim(bench.measured(
+                f"{route.name} stream c1", [proc], port, route, True, 1, short_generator, short_duration)))
+            for kind in ("nonstream", "stream"):
+                through, base = out.get(f"{kind}_c1"), direct.get(f"{kind}_c1")
+                out[f"{kind}_added_p50_ms"] = (
+                    through["latency_ms"]["p50"] - base["latency_ms"]["p50"] if through and base else None
+                )
+
+        print(f"reference (bench/reference_proxy.py, {REFERENCE.path} requests)", flush=True)
+        reference = results["reference"]
+        reference["path"] = REFERENCE.path
+        reference_proc, reference_port = bench.start_reference()
+        bench.sanity(reference_port, REFERENCE)
+        proxied(reference_proc, reference_port, REFERENCE, reference)
+        bench.stop(reference_proc)
+
         for route in routes:
             print(f"{route.name} ({route.path})", flush=True)
             out: dict[str, Any] = {"path": route.path}
@@ -852,11 +900,11 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             def prof(kind: str) -> Path | None:
                 return profile_dir / f"profile-{route.name}-{kind}.txt" if profile_dir else None
 
-            out["nonstream_c50"] = phase("non-stream, 50 connections", lambda: slim(bench.measured(
-                f"{route.name} nonstream c50", [server], port, route, False, plan.connections)))
-            out["stream_c50"] = phase("stream, 50 connections", lambda: slim(bench.measured(
-                f"{route.name} stream c50", [server], port, route, True, plan.connections, short_generator,
-                None if not plan.quick else short_duration)))
+            proxied(server, port, route, out)
+            for kind in ("nonstream", "stream"):
+                mine = dig(out, f"{kind}_c50", "server_cpu_ms_per_request")
+                theirs = dig(reference, f"{kind}_c50", "server_cpu_ms_per_request")
+                out[f"{kind}_cpu_vs_reference"] = mine / theirs if mine is not None and theirs else None
             if profile_dir:  # runs of their own: sampling must not touch the measured ones
                 for kind, stream in (("nonstream", False), ("stream", True)):
                     phase(f"profile {kind}, 50 connections", lambda: bench.measured(
@@ -874,15 +922,6 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
                 return result
 
             out["stream_spaced_c50"] = phase(f"stream, events {plan.spaced_gap_ms:g} ms apart", spaced)
-            out["nonstream_c1"] = phase("non-stream, 1 connection", lambda: slim(bench.measured(
-                f"{route.name} nonstream c1", [server], port, route, False, 1, short_generator, short_duration)))
-            out["stream_c1"] = phase("stream, 1 connection", lambda: slim(bench.measured(
-                f"{route.name} stream c1", [server], port, route, True, 1, short_generator, short_duration)))
-            for kind in ("nonstream", "stream"):
-                through, base = out.get(f"{kind}_c1"), direct.get(f"{kind}_c1")
-                out[f"{kind}_added_p50_ms"] = (
-                    through["latency_ms"]["p50"] - base["latency_ms"]["p50"] if through and base else None
-                )
             out["events"] = phase(f"event latency, events {plan.gap_ms:g} ms apart",
                                   lambda: bench.event_latency(port, route))
             if plan.fast_gap_ms:
@@ -940,6 +979,9 @@ def judge(results: dict, plan: Plan) -> list[dict]:
         ("cpu_ms_per_stream", ("stream_c50", "server_cpu_ms_per_request"), "<=", TARGET_CPU_STREAM_MS),
         ("cpu_ms_per_stream_spaced_events", ("stream_spaced_c50", "server_cpu_ms_per_request"), "<=",
          TARGET_CPU_STREAM_MS),
+        ("cpu_ms_per_nonstream_request_vs_reference", ("nonstream_cpu_vs_reference",), "<=",
+         TARGET_CPU_REQUEST_RATIO),
+        ("cpu_ms_per_stream_vs_reference", ("stream_cpu_vs_reference",), "<=", TARGET_CPU_STREAM_RATIO),
         ("added_p50_ms_1_connection", ("nonstream_added_p50_ms",), "<=", TARGET_ADDED_P50_MS),
         ("nonstream_rps_1_process", ("nonstream_c50", "rps"), ">=", TARGET_RPS),
         ("first_event_ms_max", ("events", "first_event_ms", "max"), "<=", TARGET_EVENT_MS),
@@ -979,6 +1021,7 @@ def table(results: dict) -> str:
     plan = results["meta"]["plan"]
     routes = list(results["routes"])
     direct = results["direct"]
+    reference = results["reference"]
     targets = {(t["route"], t["metric"]): t for t in results["targets"]}
     held = plan["held"]
 
@@ -993,72 +1036,77 @@ def table(results: dict) -> str:
             return "-"
         return " / ".join(fmt(dig(obj, key, "any_event_ms", name)) for name in ("p50", "p99", "max"))
 
-    rows: list[tuple[str, Callable[[dict], str], str, str | None]] = [
-        # label, value of a route's results, direct value, target metric name
-        ("Non-stream req/s, 50 conns", lambda r: fmt(dig(r, "nonstream_c50", "rps")),
+    rows: list[tuple[str, Callable[[dict], str], bool, str, str | None]] = [
+        # label, value of a route's results, whether the reference has it too, direct value, target metric name
+        ("Non-stream req/s, 50 conns", lambda r: fmt(dig(r, "nonstream_c50", "rps")), True,
          fmt(dig(direct, "nonstream_c50", "rps")), "nonstream_rps_1_process"),
         ("  server CPU busy during that run (%)", lambda r: fmt(dig(r, "nonstream_c50", "server_cpu_percent"), 0),
-         "", None),
+         True, "", None),
         ("  req/s one fully busy core would give (1000 / CPU ms)",
-         lambda r: fmt(ceiling(dig(r, "nonstream_c50", "server_cpu_ms_per_request"))), "", None),
+         lambda r: fmt(ceiling(dig(r, "nonstream_c50", "server_cpu_ms_per_request"))), True, "", None),
         ("Non-stream p50 / p99 ms, 50 conns", lambda r: pair(dig(r, "nonstream_c50", "latency_ms", "p50"),
-                                                             dig(r, "nonstream_c50", "latency_ms", "p99")),
+                                                             dig(r, "nonstream_c50", "latency_ms", "p99")), True,
          pair(dig(direct, "nonstream_c50", "latency_ms", "p50"), dig(direct, "nonstream_c50", "latency_ms", "p99")),
          None),
-        ("Stream req/s, 50 conns (20 content events)", lambda r: fmt(dig(r, "stream_c50", "rps")),
+        ("Stream req/s, 50 conns (20 content events)", lambda r: fmt(dig(r, "stream_c50", "rps")), True,
          fmt(dig(direct, "stream_c50", "rps")), None),
         ("Stream p50 / p99 ms, 50 conns", lambda r: pair(dig(r, "stream_c50", "latency_ms", "p50"),
-                                                         dig(r, "stream_c50", "latency_ms", "p99")),
+                                                         dig(r, "stream_c50", "latency_ms", "p99")), True,
          pair(dig(direct, "stream_c50", "latency_ms", "p50"), dig(direct, "stream_c50", "latency_ms", "p99")), None),
-        ("Non-stream p50 ms, 1 conn", lambda r: fmt(dig(r, "nonstream_c1", "latency_ms", "p50"), 3),
+        ("Non-stream p50 ms, 1 conn", lambda r: fmt(dig(r, "nonstream_c1", "latency_ms", "p50"), 3), True,
          fmt(dig(direct, "nonstream_c1", "latency_ms", "p50"), 3), None),
-        ("  added by the server (p50 ms)", lambda r: fmt(dig(r, "nonstream_added_p50_ms"), 3), "",
+        ("  added by the server (p50 ms)", lambda r: fmt(dig(r, "nonstream_added_p50_ms"), 3), True, "",
          "added_p50_ms_1_connection"),
-        ("Stream p50 ms, 1 conn", lambda r: fmt(dig(r, "stream_c1", "latency_ms", "p50"), 3),
+        ("Stream p50 ms, 1 conn", lambda r: fmt(dig(r, "stream_c1", "latency_ms", "p50"), 3), True,
          fmt(dig(direct, "stream_c1", "latency_ms", "p50"), 3), None),
-        ("  added by the server (p50 ms)", lambda r: fmt(dig(r, "stream_added_p50_ms"), 3), "", None),
+        ("  added by the server (p50 ms)", lambda r: fmt(dig(r, "stream_added_p50_ms"), 3), True, "", None),
         ("Server CPU ms / non-stream request", lambda r: fmt(dig(r, "nonstream_c50", "server_cpu_ms_per_request"), 3),
-         "", "cpu_ms_per_nonstream_request"),
+         True, "", "cpu_ms_per_nonstream_request"),
+        ("  × the reference's", lambda r: fmt(dig(r, "nonstream_cpu_vs_reference")), False, "",
+         "cpu_ms_per_nonstream_request_vs_reference"),
         ("Server CPU ms / stream (events back to back)",
-         lambda r: fmt(dig(r, "stream_c50", "server_cpu_ms_per_request"), 3), "", "cpu_ms_per_stream"),
+         lambda r: fmt(dig(r, "stream_c50", "server_cpu_ms_per_request"), 3), True, "", "cpu_ms_per_stream"),
+        ("  × the reference's", lambda r: fmt(dig(r, "stream_cpu_vs_reference")), False, "",
+         "cpu_ms_per_stream_vs_reference"),
         (f"Server CPU ms / stream (events {plan['spaced_gap_ms']:g} ms apart)",
-         lambda r: fmt(dig(r, "stream_spaced_c50", "server_cpu_ms_per_request"), 3), "",
+         lambda r: fmt(dig(r, "stream_spaced_c50", "server_cpu_ms_per_request"), 3), False, "",
          "cpu_ms_per_stream_spaced_events"),
         ("Stand-in CPU ms / non-stream request", lambda r: fmt(dig(r, "nonstream_c50", "upstream_cpu_ms_per_request"), 3),
-         "", None),
+         True, "", None),
         (f"First event, upstream -> caller ms (max, {plan['gap_ms']:g} ms gaps)",
-         lambda r: fmt(dig(r, "events", "first_event_ms", "max"), 3),
+         lambda r: fmt(dig(r, "events", "first_event_ms", "max"), 3), False,
          fmt(dig(direct, "events", "first_event_ms", "max"), 3), "first_event_ms_max"),
         ("Every event, upstream -> caller ms (p50 / p99 / max)",
-         lambda r: triple(r, "events"), triple(direct, "events"), "any_event_ms_p99"),
+         lambda r: triple(r, "events"), False, triple(direct, "events"), "any_event_ms_p99"),
         *([(f"  same, events {plan['fast_gap_ms']:g} ms apart",
-            lambda r: triple(r, "events_fast"), triple(direct, "events_fast"), "any_event_ms_p99_fast_tokens")]
+            lambda r: triple(r, "events_fast"), False, triple(direct, "events_fast"), "any_event_ms_p99_fast_tokens")]
           if plan["fast_gap_ms"] else []),
         (f"  same, {plan['pad'] // 1024} KiB content events",
-         lambda r: triple(r, "events_large"), triple(direct, "events_large"), "any_large_event_ms_p99"),
+         lambda r: triple(r, "events_large"), False, triple(direct, "events_large"), "any_large_event_ms_p99"),
         (f"Upstream conns opened, {plan['sequential']:,} sequential requests",
-         lambda r: fmt(dig(r, "sequential", "upstream_connections_opened")), "", None),
-        ("  per 10,000 requests", lambda r: fmt(dig(r, "sequential", "upstream_connections_per_10k"), 1), "",
+         lambda r: fmt(dig(r, "sequential", "upstream_connections_opened")), False, "", None),
+        ("  per 10,000 requests", lambda r: fmt(dig(r, "sequential", "upstream_connections_per_10k"), 1), False, "",
          "upstream_connections_per_10k_sequential"),
         ("Upstream conns per 10,000 requests, 50 conns",
-         lambda r: fmt(dig(r, "nonstream_c50", "upstream_connections_per_10k"), 1), "", None),
+         lambda r: fmt(dig(r, "nonstream_c50", "upstream_connections_per_10k"), 1), True, "", None),
         (f"RSS MB, {held:,} open streams (before)",
          lambda r: f"{fmt(dig(r, 'held_streams', 'rss_mb'), 0)} ({fmt(dig(r, 'held_streams', 'rss_before_mb'), 0)})",
-         "", f"rss_mb_{held}_open_streams"),
+         False, "", f"rss_mb_{held}_open_streams"),
         (f"Streams opened / dropped, of {held:,}",
-         lambda r: f"{fmt(dig(r, 'held_streams', 'opened'))} / {fmt(dig(r, 'held_streams', 'dropped'))}", "",
+         lambda r: f"{fmt(dig(r, 'held_streams', 'opened'))} / {fmt(dig(r, 'held_streams', 'dropped'))}", False, "",
          f"streams_dropped_of_{held}"),
         (f"Server CPU % with {held:,} idle open streams",
-         lambda r: fmt(dig(r, "held_streams", "idle_cpu_percent"), 1), "", None),
+         lambda r: fmt(dig(r, "held_streams", "idle_cpu_percent"), 1), False, "", None),
         ("Non-stream req/s, 1 vs 2 processes (unpinned)",
          lambda r: (f"{fmt(dig(r, 'two_processes', 'one_process', 'rps'))} vs "
                     f"{fmt(dig(r, 'two_processes', 'two_processes', 'rps'))}")
-         if dig(r, "two_processes", "one_process") else "skipped", "", None),
+         if dig(r, "two_processes", "one_process") else "skipped", False, "", None),
     ]
-    header = ["Metric", *routes, "direct", "target", "met"]
+    header = ["Metric", *routes, "reference", "direct", "target", "met"]
     lines = []
-    for label, value_of, direct_value, target_name in rows:
+    for label, value_of, on_reference, direct_value, target_name in rows:
         values = [value_of(results["routes"][route]) for route in routes]
+        reference_value = value_of(reference) if on_reference else ""
         target_text, met_text = "", ""
         if target_name:
             found = [targets.get((route, target_name)) for route in routes]
@@ -1068,7 +1116,7 @@ def table(results: dict) -> str:
                 met_text = " / ".join(
                     "-" if not t or t["met"] is None else ("yes" if t["met"] else "NO") for t in found
                 )
-        lines.append([label, *values, direct_value, target_text, met_text])
+        lines.append([label, *values, reference_value, direct_value, target_text, met_text])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     out = []
     for index, row in enumerate([header, *lines]):
