@@ -16,7 +16,8 @@ import json
 import math
 from typing import Any, Mapping
 
-import pycurl
+from .httpclient import HTTPTransportError
+
 
 # Upstream statuses that another attempt (another deployment, or later) may fix.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -192,21 +193,18 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
     )
 
 
-_TIMEOUT_ERRNOS = {pycurl.E_OPERATION_TIMEDOUT}
-
-
-def map_transport_error(errno: int | None, description: str) -> GatewayError:
+def map_transport_error(error: HTTPTransportError) -> GatewayError:
     """Turn a failure to talk to Azure at all (refused, reset, timed out) into 502/504."""
-    if errno in _TIMEOUT_ERRNOS:
+    if error.kind == HTTPTransportError.TIMEOUT:
         return GatewayError(
             504,
             "upstream_timeout",
-            f"Azure OpenAI did not answer in time ({description}).",
+            f"Azure OpenAI did not answer in time ({error.message}).",
             retryable=True,
         )
     return GatewayError(
         502,
         "upstream_unreachable",
-        f"Could not reach Azure OpenAI ({description}).",
+        f"Could not reach Azure OpenAI ({error.message}).",
         retryable=True,
     )

@@ -1,41 +1,32 @@
 """The one place that builds and sends requests to Azure OpenAI.
 
-Uses Tornado's curl `AsyncHTTPClient`: it keeps upstream connections alive
-(the simple client opens a new TCP+TLS connection per request) and costs about
-half the CPU.
-
-Aborting (caller gone, first-byte or idle timeout): the curl client swallows
-exceptions raised from a `streaming_callback`, so `UpstreamCall.abort` sets a
-flag that libcurl's progress function reports at its next tick (often while
-data flows, once a second while it waits), which drops the connection. The
-caller's side does not wait for that: `abort` also resolves a future the
-exchange is waiting on, so the answer (or the retry) goes out at once.
+Requests go through `KeepAliveHTTPClient` (gateway/httpclient.py), an
+`AsyncHTTPClient` that keeps connections to Azure alive and drops one at
+once when asked. Aborting (caller gone, first-byte or idle timeout) is
+`UpstreamCall.abort`: the connection is closed there and then, and the
+exchange waiting on it returns None.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-import pycurl
-from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
-from tornado.httpclient import HTTPRequest
+from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders, parse_response_start_line
 from tornado.ioloop import IOLoop
 
 from .config import Settings
 from .deployments import Deployment
 from .errors import GatewayError, map_transport_error, map_upstream_status
+from .httpclient import HTTPTransportError, KeepAliveHTTPClient
 from .sse import EventFramer, is_done
 
 USER_AGENT = "azure-gpt-api"
 # Enough for any chat completion; it only guards against a runaway upstream.
 MAX_UPSTREAM_BODY = 256 * 1024 * 1024
-# LOW_SPEED_TIME (seconds) used only to wake the progress function each second.
-PROGRESS_WAKEUP_NEVER_TRIPS = 10**7
 # Error bodies are small JSON objects; keep no more than this of one.
 MAX_ERROR_BODY = 64 * 1024
 
@@ -46,37 +37,18 @@ class UpstreamCall:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.abort_reason: str | None = None
-        self.aborted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.on_header_line: Callable[[bytes], None] | None = None
+        self._stop: Callable[[], object] | None = None
 
     def abort(self, reason: str) -> None:
-        """Give up on this attempt now; libcurl drops the transfer at its next progress tick."""
+        """Give up on this attempt now: its connection is closed at once."""
         if self.abort_reason is None:
             self.abort_reason = reason
-            self.aborted.set_result(reason)
+            if self._stop is not None:
+                self._stop()
 
-    def _progress(self, *_counts: int) -> int:
-        return 1 if self.abort_reason else 0
-
-    def prepare_curl(self, curl: pycurl.Curl) -> None:
-        # Handles are pooled, so every option set here is set on every request.
-        curl.setopt(pycurl.NOPROGRESS, 0)
-        curl.setopt(pycurl.XFERINFOFUNCTION, self._progress)
-        # libcurl calls the progress function only when it runs a transfer.
-        # A low-speed limit makes it re-check every transfer once a second,
-        # even one waiting on a silent upstream; the time is too long to
-        # ever trip (idleness is STREAM_IDLE_TIMEOUT's job).
-        curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-        curl.setopt(pycurl.LOW_SPEED_TIME, PROGRESS_WAKEUP_NEVER_TRIPS)
-        # Tornado turns on VERBOSE when its curl logger is at DEBUG, which
-        # would log the api-key request header.
-        curl.setopt(pycurl.VERBOSE, 0)
-        curl.setopt(pycurl.NOSIGNAL, 1)
-        if self.on_header_line is not None:
-            # Tornado hands header lines to a header_callback through the
-            # IOLoop, and they can arrive after the first body chunks; a
-            # relay must know the status before it forwards a single byte.
-            curl.setopt(pycurl.HEADERFUNCTION, self.on_header_line)
+    def running(self, stop: Callable[[], object]) -> None:
+        """The transfer has started; `stop` ends it."""
+        self._stop = stop
 
 
 @dataclass(frozen=True)
@@ -104,7 +76,7 @@ class UpstreamClient:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._http = CurlAsyncHTTPClient(
+        self._http = KeepAliveHTTPClient(
             force_instance=True,
             max_clients=settings.max_clients,
             max_body_size=MAX_UPSTREAM_BODY,
@@ -136,26 +108,19 @@ class UpstreamClient:
             user_agent=USER_AGENT,
             connect_timeout=self._settings.connect_timeout,
             request_timeout=0 if stream else self._settings.request_timeout,
-            prepare_curl_callback=call.prepare_curl,
             **callbacks,
         )
 
-    async def _exchange(self, request: HTTPRequest, call: UpstreamCall) -> object:
-        """Fetch, or stop waiting as soon as the call is aborted.
-
-        Returns the HTTPResponse, a CurlError for a transport failure, or None
-        when the call was aborted first (the transfer then ends in the
-        background at libcurl's next progress tick).
-        """
-        fetch = asyncio.ensure_future(self._http.fetch(request, raise_error=False))
-        await asyncio.wait({fetch, call.aborted}, return_when=asyncio.FIRST_COMPLETED)
-        if not fetch.done():
-            fetch.add_done_callback(_discard_outcome)
+    async def _exchange(self, request: HTTPRequest, call: UpstreamCall) -> HTTPResponse | HTTPTransportError | None:
+        """Fetch: the response, the transport failure, or None when the call was aborted."""
+        if call.abort_reason:
             return None
-        error = fetch.exception()
-        if isinstance(error, CurlError):
+        fetch = self._http.fetch(request, raise_error=False)
+        call.running(lambda: self._http.abort(request))
+        try:
+            return await fetch
+        except HTTPTransportError as error:
             return None if call.abort_reason else error
-        return fetch.result()
 
     async def complete(
         self, deployment: Deployment, body: bytes, call: UpstreamCall
@@ -167,8 +132,8 @@ class UpstreamClient:
         outcome = await self._exchange(self.build_request(deployment, body, call, stream=False), call)
         if outcome is None:
             return None
-        if isinstance(outcome, CurlError):
-            raise map_transport_error(outcome.errno, outcome.message)
+        if isinstance(outcome, HTTPTransportError):
+            raise map_transport_error(outcome)
         if outcome.code != 200:
             raise map_upstream_status(outcome.code, outcome.headers, outcome.body or b"")
         try:
@@ -197,22 +162,20 @@ class UpstreamClient:
         relay = _StreamRelay(
             sink, call, self._settings.first_byte_timeout, self._settings.stream_idle_timeout
         )
-        call.on_header_line = relay.on_header_line
         request = self.build_request(
-            deployment, body, call, stream=True, streaming_callback=relay.on_chunk
+            deployment,
+            body,
+            call,
+            stream=True,
+            header_callback=relay.on_header_line,
+            streaming_callback=relay.on_chunk,
         )
         relay.arm_timer()
         try:
             outcome = await self._exchange(request, call)
         finally:
             relay.disarm_timer()
-        relay.finish(outcome if isinstance(outcome, CurlError) else None)
-
-
-def _discard_outcome(fetch: asyncio.Future) -> None:
-    # The abandoned transfer ends with "aborted by callback"; nobody reads it.
-    if not fetch.cancelled():
-        fetch.exception()
+        relay.finish(outcome if isinstance(outcome, HTTPTransportError) else None)
 
 
 class _StreamRelay:
@@ -234,10 +197,9 @@ class _StreamRelay:
         self.started_at = self.last_activity = time.monotonic()
         self._timer: object | None = None
 
-    def on_header_line(self, raw: bytes) -> None:
-        """libcurl HEADERFUNCTION: runs inside libcurl, so it only records."""
+    def on_header_line(self, raw: str) -> None:
         self.last_activity = time.monotonic()
-        line = raw.decode("latin1").rstrip("\r\n")
+        line = raw.rstrip("\r\n")
         if line.startswith("HTTP/"):
             self.status = parse_response_start_line(line).code
             self.headers = HTTPHeaders()
@@ -288,7 +250,7 @@ class _StreamRelay:
             self._timer = None
             self.call.abort(reason)
 
-    def finish(self, transport_error: CurlError | None) -> None:
+    def finish(self, transport_error: HTTPTransportError | None) -> None:
         error = self._outcome(transport_error)
         if error is None:
             return
@@ -297,7 +259,7 @@ class _StreamRelay:
         else:
             raise error
 
-    def _outcome(self, transport_error: CurlError | None) -> GatewayError | None:
+    def _outcome(self, transport_error: HTTPTransportError | None) -> GatewayError | None:
         reason = self.call.abort_reason
         if reason == "client_gone":
             return None
@@ -321,7 +283,7 @@ class _StreamRelay:
                 f"The stream from Azure OpenAI was cut ({transport_error.message}).",
             )
         if transport_error is not None:
-            return map_transport_error(transport_error.errno, transport_error.message)
+            return map_transport_error(transport_error)
         if self.status != 200:
             return map_upstream_status(self.status or 502, self.headers, bytes(self.error_body))
         if not self.done:

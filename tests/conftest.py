@@ -37,6 +37,19 @@ def emulator(io_loop: Any) -> Any:
 
 
 @pytest.fixture
+def certificate(tmp_path: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, and its key: (cert path, key path)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+@pytest.fixture
 def empty_env_file(tmp_path: Path) -> str:
     """An env file with nothing in it, so a developer's own .env never leaks into a test."""
     path = tmp_path / "empty.env"

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 import pytest
-from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 
 from gateway.emulator import AzureEmulator, Fault
+from gateway.httpclient import KeepAliveHTTPClient
 
 KEY = "test-emulator-key"
 VERSION = "2024-10-21"
@@ -35,9 +35,9 @@ def client(io_loop: Any) -> Any:
 
 
 @pytest.fixture
-def curl(io_loop: Any) -> Any:
+def keep_alive(io_loop: Any) -> Any:
     """A client that keeps connections alive (Tornado's simple client opens one per request)."""
-    http = CurlAsyncHTTPClient(force_instance=True)
+    http = KeepAliveHTTPClient(force_instance=True)
     yield http
     http.close()
 
@@ -393,18 +393,18 @@ async def test_chunk_gap_spaces_the_events(emulator, client):
 
 
 @pytest.mark.gen_test
-async def test_reset_after_drops_the_connection_after_n_events(emulator, curl):
+async def test_reset_after_drops_the_connection_after_n_events(emulator, keep_alive):
     emulator.add_fault(Fault(reset_after=3))
     received: list[bytes] = []
     with pytest.raises(HTTPClientError, match="reset"):
-        await chat(emulator, curl, ask("a b c d e", stream=True), streaming_callback=received.append)
+        await chat(emulator, keep_alive, ask("a b c d e", stream=True), streaming_callback=received.append)
     assert len(events(b"".join(received))) == 3
     record = emulator.requests[-1]
     assert not record.finished.is_set() and not record.client_gone.is_set()
 
     emulator.add_fault(Fault(reset_after=0))  # a non-stream request is dropped before any byte
     with pytest.raises(HTTPClientError):
-        await chat(emulator, curl, ask("not streamed"))
+        await chat(emulator, keep_alive, ask("not streamed"))
 
 
 @pytest.mark.gen_test
@@ -468,8 +468,8 @@ async def test_control_routes(emulator, client):
 
 
 @pytest.mark.gen_test
-async def test_keep_alive_requests_share_one_connection(emulator, curl):
+async def test_keep_alive_requests_share_one_connection(emulator, keep_alive):
     for stream in (False, True, False):
-        assert (await chat(emulator, curl, ask("again", stream=stream), deployment="backup")).code == 200
+        assert (await chat(emulator, keep_alive, ask("again", stream=stream), deployment="backup")).code == 200
     assert emulator.connections_accepted == 1
     assert all(record.finished.is_set() for record in emulator.requests)

@@ -2,8 +2,6 @@
 
 import json
 
-import pycurl
-
 from gateway.errors import (
     GatewayError,
     map_transport_error,
@@ -12,6 +10,7 @@ from gateway.errors import (
     render_openai_error,
     retry_after_seconds,
 )
+from gateway.httpclient import HTTPTransportError
 
 CONTENT_FILTER = {
     "error": {
@@ -72,8 +71,8 @@ def test_other_4xx_keep_their_status():
 
 
 def test_transport_errors():
-    refused = map_transport_error(pycurl.E_COULDNT_CONNECT, "Connection refused")
-    timed_out = map_transport_error(pycurl.E_OPERATION_TIMEDOUT, "Operation timed out")
+    refused = map_transport_error(HTTPTransportError(HTTPTransportError.CONNECT, "Connection refused"))
+    timed_out = map_transport_error(HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout during request."))
     assert (refused.status, refused.code) == (502, "upstream_unreachable")
     assert (timed_out.status, timed_out.code) == (504, "upstream_timeout")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 
 from .conftest import STARTUP_TIMEOUT, free_port, server_env
+
 
 def test_incomplete_settings_exit_2_naming_each_problem(tmp_path, spawn):
     secret = "do-not-print-this-key-4242"
@@ -69,18 +69,6 @@ def test_sigterm_lets_an_inflight_stream_finish_then_exits_0(tmp_path, spawn):
     assert rest.rstrip().endswith(b"data: [DONE]")
     assert server.proc.wait(STARTUP_TIMEOUT) == 0
     connection.close()
-
-
-@pytest.fixture
-def certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
-    return str(cert), str(key)
 
 
 @pytest.mark.gen_test

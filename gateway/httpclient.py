@@ -1,0 +1,551 @@
+"""An `AsyncHTTPClient` that keeps HTTP/1.1 connections alive, on the event loop's own transports.
+
+Why our own: Tornado's simple client opens a new connection (a TCP and TLS
+handshake to Azure) for every request; its curl client keeps connections
+alive but spends more CPU around libcurl than the gateway spends on
+everything else (every option set again per request, header lines parsed
+one callback at a time, its own timers), and can only stop a transfer at
+libcurl's next progress tick. This client does what the upstream calls
+need and no more:
+
+- Keep-alive: idle connections are pooled per origin and the most recently
+  used is taken first, so a steady load keeps few connections warm. Never
+  more than `max_clients` requests run (the rest wait in order) nor
+  connections stay open (an idle one is closed to make room).
+- A pooled connection the server closed while it sat idle is noticed when
+  the server's FIN arrives; if the close races the request (no byte of an
+  answer came back), the request is sent once more on a new connection, as
+  curl does.
+- `header_callback` gets every header line before `streaming_callback` gets
+  the first body byte; `streaming_callback` gets one call per read from the
+  socket, chunked framing removed, so events that arrived together are
+  handed on together and none waits for a later read.
+- `abort(request)` ends a request at once: its connection is dropped.
+- `connect_timeout` bounds the TCP and TLS handshakes, `request_timeout`
+  the whole request from `fetch()` on (0 = no limit, for streams whose
+  timeouts the caller keeps).
+- TLS with the system's trust store (or `ca_certs`), the host name checked
+  unless `validate_cert` is False, and an optional client certificate.
+
+A failure with no HTTP answer is an `HTTPTransportError` (code 599) whose
+`kind` says what happened; `AsyncHTTPClient.fetch` raises it even with
+`raise_error=False`. Left out, because the upstream never needs them:
+proxies, redirects, compressed answers (no Accept-Encoding is sent),
+`Expect: 100-continue`, `body_producer` and pipelining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from functools import lru_cache
+from io import BytesIO
+from typing import Any, Callable, NamedTuple
+from urllib.parse import urlsplit
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.httputil import HTTPHeaders, parse_response_start_line
+
+DEFAULT_MAX_CLIENTS = 10
+DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
+# A response head (status line and headers) longer than this is refused.
+MAX_HEAD_SIZE = 64 * 1024
+# An idle connection older than this is closed rather than reused: servers
+# and load balancers drop quiet connections after a few minutes, often
+# without a FIN that would reach us.
+IDLE_CONNECTION_TTL = 60.0
+
+# What a chunked body expects next.
+_SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
+
+
+class HTTPTransportError(HTTPClientError):
+    """No HTTP answer came: the connection failed, was lost or timed out, or the answer was garbled."""
+
+    CONNECT = "connect"  # refused, unresolvable, TLS handshake or certificate failure
+    TIMEOUT = "timeout"  # connect_timeout or request_timeout
+    CLOSED = "closed"  # the server closed or reset the connection before the answer ended
+    PROTOCOL = "protocol"  # not HTTP/1.x, a malformed head or framing, a body over the limit
+    ABORTED = "aborted"  # abort(), or the client was closed
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(599, message)
+        self.kind = kind
+
+
+class _Target(NamedTuple):
+    origin: tuple[str, str, int]  # scheme, host, port: what a pooled connection serves
+    host_header: str
+    path: str
+
+
+@lru_cache(maxsize=512)
+def _target(url: str) -> _Target:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"Not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host_header = parts.netloc.rpartition("@")[2]
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target((parts.scheme, parts.hostname, port), host_header, path)
+
+
+def _request_head(request: HTTPRequest, target: _Target, body: bytes) -> bytes:
+    lines = [f"{request.method} {target.path} HTTP/1.1", f"Host: {target.host_header}"]
+    if request.user_agent and "User-Agent" not in request.headers:
+        lines.append(f"User-Agent: {request.user_agent}")
+    for name, value in request.headers.get_all():
+        if name in ("Host", "Content-Length", "Transfer-Encoding"):
+            continue
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"The request header {name} contains a line break.")
+        lines.append(f"{name}: {value}")
+    if body or request.method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin1")
+
+
+class KeepAliveHTTPClient(AsyncHTTPClient):
+    """HTTP/1.1 with pooled keep-alive connections. See the module docstring."""
+
+    def initialize(  # type: ignore[override]
+        self,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
+        super().initialize(defaults=defaults)
+        self.max_clients = max_clients
+        self.max_body_size = max_body_size
+        self._loop: asyncio.AbstractEventLoop = self.io_loop.asyncio_loop  # type: ignore[attr-defined]
+        self._exchanges: dict[HTTPRequest, _Exchange] = {}
+        self._waiting: deque[_Exchange] = deque()
+        self._running = 0
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+        self._connecting = 0
+        self._tls_contexts: dict[tuple, ssl.SSLContext] = {}
+
+    def close(self) -> None:
+        """Fail every request still running or waiting, and close every connection."""
+        closed = HTTPTransportError(HTTPTransportError.ABORTED, "The HTTP client was closed.")
+        for exchange in [*self._waiting, *self._exchanges.values()]:
+            exchange.fail(closed)
+        for connection in list(self._open):
+            connection.drop()
+        super().close()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def fetch_impl(self, request: HTTPRequest, callback: Callable[[HTTPResponse], None]) -> None:
+        original = request.request  # type: ignore[attr-defined]  # fetch() hands a _RequestProxy
+        exchange = _Exchange(self, original, request, callback)
+        self._exchanges[original] = exchange
+        if request.request_timeout:
+            exchange.deadline = self._loop.call_later(request.request_timeout, exchange.time_out)
+        if self._running < self.max_clients:
+            self._run(exchange)
+        else:
+            self._waiting.append(exchange)
+
+    def abort(self, request: HTTPRequest) -> bool:
+        """End `request` now if it is running or waiting; its fetch fails with kind ABORTED."""
+        exchange = self._exchanges.get(request)
+        if exchange is None:
+            return False
+        exchange.fail(HTTPTransportError(HTTPTransportError.ABORTED, "The request was aborted."))
+        return True
+
+    def _run(self, exchange: _Exchange) -> None:
+        self._running += 1
+        exchange.running = True
+        connection = self._pooled(exchange.target.origin)
+        if connection is not None:
+            connection.send(exchange, reused=True)
+        else:
+            exchange.connecting = self._loop.create_task(self._connect_and_send(exchange))
+
+    def _pooled(self, origin: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if connection.usable() and now - connection.idle_since < IDLE_CONNECTION_TTL:
+                return connection
+            connection.drop()
+        return None
+
+    async def _connect_and_send(self, exchange: _Exchange) -> None:
+        request = exchange.request
+        scheme, host, port = exchange.target.origin
+        if len(self._open) + self._connecting >= self.max_clients:
+            self._close_oldest_idle()
+        self._connecting += 1
+        try:
+            async with asyncio.timeout(request.connect_timeout or None):
+                _, connection = await self._loop.create_connection(
+                    lambda: _Connection(self, exchange.target.origin),
+                    host,
+                    port,
+                    ssl=self._tls_context(request) if scheme == "https" else None,
+                )
+        except TimeoutError:
+            exchange.fail(HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout while connecting."))
+            return
+        except (OSError, ssl.SSLError) as error:
+            exchange.fail(HTTPTransportError(HTTPTransportError.CONNECT, _describe(error)))
+            return
+        finally:
+            self._connecting -= 1
+        exchange.connecting = None
+        connection.send(exchange, reused=False)
+
+    def _close_oldest_idle(self) -> None:
+        oldest = min(
+            (idle[0] for idle in self._idle.values() if idle),
+            key=lambda connection: connection.idle_since,
+            default=None,
+        )
+        if oldest is not None:
+            self._idle[oldest.origin].remove(oldest)
+            oldest.drop()
+
+    def _tls_context(self, request: HTTPRequest) -> ssl.SSLContext:
+        key = (request.validate_cert, request.ca_certs, request.client_cert, request.client_key)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            context = ssl.create_default_context(cafile=request.ca_certs)
+            if not request.validate_cert:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if request.client_cert:
+                context.load_cert_chain(request.client_cert, request.client_key)
+            self._tls_contexts[key] = context
+        return context
+
+    def _retire(self, exchange: _Exchange) -> None:
+        """`exchange` has ended: free its slot for the next waiting request."""
+        self._exchanges.pop(exchange.original, None)
+        if exchange.running:
+            exchange.running = False
+            self._running -= 1
+            if self._waiting and not self._closed:
+                self._run(self._waiting.popleft())
+        else:
+            try:
+                self._waiting.remove(exchange)
+            except ValueError:
+                pass
+
+    def _park(self, connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
+        self._idle.setdefault(connection.origin, []).append(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+
+def _describe(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+class _Exchange:
+    """One request from `fetch()` until its callback has its response."""
+
+    def __init__(
+        self,
+        client: KeepAliveHTTPClient,
+        original: HTTPRequest,
+        request: HTTPRequest,
+        callback: Callable[[HTTPResponse], None],
+    ) -> None:
+        self.client = client
+        self.original = original
+        self.request = request
+        self.callback = callback
+        self.target = _target(request.url)
+        body = request.body or b""
+        self.bytes = _request_head(request, self.target, body) + body
+        self.start_time = time.time()
+        self.started = time.monotonic()
+        self.deadline: asyncio.TimerHandle | None = None
+        self.connecting: asyncio.Task | None = None
+        self.connection: _Connection | None = None
+        self.running = False
+        self.retried = False
+        self.finished = False
+
+    def time_out(self) -> None:
+        self.deadline = None
+        self.fail(HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout during request."))
+
+    def fail(self, error: BaseException) -> None:
+        if self.finished:
+            return
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.exchange = None
+            connection.drop()
+        self._finish(HTTPResponse(self.original, 599, error=error, **self._times()))
+
+    def succeed(self, code: int, reason: str, headers: HTTPHeaders, body: bytes | None) -> None:
+        self.connection = None
+        self._finish(
+            HTTPResponse(
+                self.original,
+                code,
+                reason=reason,
+                headers=headers,
+                buffer=BytesIO(body) if body is not None else None,
+                effective_url=self.request.url,
+                **self._times(),
+            )
+        )
+
+    def _times(self) -> dict[str, float]:
+        return {"request_time": time.monotonic() - self.started, "start_time": self.start_time}
+
+    def _finish(self, response: HTTPResponse) -> None:
+        self.finished = True
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        self.client._retire(self)
+        self.callback(response)
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive connection to an origin, carrying one exchange at a time."""
+
+    def __init__(self, client: KeepAliveHTTPClient, origin: tuple[str, str, int]) -> None:
+        self.client = client
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.exchange: _Exchange | None = None
+        self.idle_since = 0.0
+        self.reused = False
+        self.answered = False
+        self._reset_parser()
+
+    def _reset_parser(self) -> None:
+        self.buffer = b""
+        self.in_body = False
+        self.code = 0
+        self.reason = ""
+        self.headers: HTTPHeaders | None = None
+        self.keep_alive = True
+        self.chunked = False
+        self.remaining: int | None = None  # body bytes still due; None = until the server closes
+        self.chunk_state = _SIZE  # chunked: what is due next
+        self.chunk_left = 0  # chunked: data bytes left in the current chunk
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    # --- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.client._open.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes on an idle connection: nothing can be trusted on it now.
+            self.drop()
+            return
+        self.answered = True
+        try:
+            self._feed(exchange, data)
+        except HTTPTransportError as error:
+            exchange.fail(error)
+        except Exception as error:  # a callback's own failure ends its request, as in Tornado
+            exchange.fail(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._forget(self)
+        if self.exchange is not None and self.in_body and self.remaining is None and not self.chunked:
+            self._complete(self.exchange)  # a body without framing ends where the connection does
+        exchange, self.exchange = self.exchange, None
+        if exchange is None or exchange.finished:
+            return
+        exchange.connection = None
+        if self.reused and not self.answered and not exchange.retried and not self.client._closed:
+            exchange.retried = True
+            exchange.connecting = self.client._loop.create_task(
+                self.client._connect_and_send(exchange)
+            )
+            return
+        detail = f" ({_describe(exc)})" if exc else ""
+        exchange.fail(
+            HTTPTransportError(
+                HTTPTransportError.CLOSED, f"The server closed the connection before the answer ended{detail}."
+            )
+        )
+
+    # --- used by the client -----------------------------------------------
+
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, exchange: _Exchange, *, reused: bool) -> None:
+        self.exchange = exchange
+        exchange.connection = self
+        self.reused = reused
+        self.answered = False
+        self._reset_parser()
+        self.transport.write(exchange.bytes)  # type: ignore[union-attr]
+
+    def drop(self) -> None:
+        """Close at once, unsent data and all; the connection is never reused."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.client._forget(self)
+
+    # --- parsing ----------------------------------------------------------
+
+    def _feed(self, exchange: _Exchange, data: bytes) -> None:
+        if not self.in_body:
+            data = self._feed_head(exchange, data)
+            if data is None:
+                return
+        if self.chunked:
+            data = self._unchunk(data)
+        elif self.remaining is not None:
+            if len(data) > self.remaining:
+                self.keep_alive = False  # more than announced: the connection is out of step
+                data = data[: self.remaining]
+            self.remaining -= len(data)
+        if data:
+            self._deliver(exchange, data)
+        ended = self.chunk_state == _DONE if self.chunked else self.remaining == 0
+        if ended:
+            self._complete(exchange)
+
+    def _feed_head(self, exchange: _Exchange, data: bytes) -> bytes | None:
+        """Take the response head from the front of `data`; the body bytes after it, or None."""
+        while True:
+            buffer = self.buffer + data if self.buffer else data
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_SIZE:
+                    raise HTTPTransportError(HTTPTransportError.PROTOCOL, "The response head is too long.")
+                self.buffer = buffer
+                return None
+            self.buffer = b""
+            head, data = buffer[:end].decode("latin1"), buffer[end + 4 :]
+            if self._parse_head(exchange, head):
+                return data
+
+    def _parse_head(self, exchange: _Exchange, head: str) -> bool:
+        """Parse one head; False for an interim (1xx) one, which has no body."""
+        first, _, rest = head.partition("\r\n")
+        try:
+            start = parse_response_start_line(first)
+            headers = HTTPHeaders.parse(rest)
+        except Exception:
+            raise HTTPTransportError(
+                HTTPTransportError.PROTOCOL, f"Not an HTTP/1.x response: {first[:80]!r}."
+            ) from None
+        if 100 <= start.code < 200:
+            return False
+        self.code, self.reason, self.headers = start.code, start.reason, headers
+        connection = headers.get("Connection", "").lower()
+        if start.version == "HTTP/1.0":
+            self.keep_alive = "keep-alive" in connection
+        else:
+            self.keep_alive = "close" not in connection
+        self.in_body = True
+        if exchange.request.method == "HEAD" or start.code in (204, 304):
+            self.remaining = 0
+        elif "chunked" in headers.get("Transfer-Encoding", "").lower():
+            self.chunked = True
+        elif "Content-Length" in headers:
+            try:
+                self.remaining = int(headers["Content-Length"])
+            except ValueError:
+                raise HTTPTransportError(
+                    HTTPTransportError.PROTOCOL, "The response has a malformed Content-Length."
+                ) from None
+            if self.remaining > self.client.max_body_size and exchange.request.streaming_callback is None:
+                raise HTTPTransportError(HTTPTransportError.PROTOCOL, "The response body is over the size limit.")
+        else:
+            self.keep_alive = False
+        header_callback = exchange.request.header_callback
+        if header_callback is not None:
+            header_callback(f"{first}\r\n")
+            for name, value in headers.get_all():
+                header_callback(f"{name}: {value}\r\n")
+            header_callback("\r\n")
+        return True
+
+    def _unchunk(self, data: bytes) -> bytes:
+        """Remove chunked framing from `data`; the state says what is due next."""
+        buffer = self.buffer + data if self.buffer else data
+        self.buffer = b""
+        pieces = []
+        position = 0
+        while position < len(buffer) and self.chunk_state != _DONE:
+            if self.chunk_state == _DATA:
+                piece = buffer[position : position + self.chunk_left]
+                pieces.append(piece)
+                self.chunk_left -= len(piece)
+                position += len(piece)
+                if self.chunk_left == 0:
+                    self.chunk_state = _DATA_END
+                continue
+            line_end = buffer.find(b"\r\n", position)
+            if line_end < 0:
+                self.buffer = buffer[position:]
+                if len(self.buffer) > MAX_HEAD_SIZE:
+                    raise HTTPTransportError(HTTPTransportError.PROTOCOL, "A chunk line is too long.")
+                break
+            line = buffer[position:line_end]
+            position = line_end + 2
+            if self.chunk_state == _SIZE:
+                try:
+                    self.chunk_left = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise HTTPTransportError(
+                        HTTPTransportError.PROTOCOL, "Malformed chunk size in the response."
+                    ) from None
+                self.chunk_state = _DATA if self.chunk_left else _TRAILERS
+            elif self.chunk_state == _DATA_END:
+                if line:
+                    raise HTTPTransportError(HTTPTransportError.PROTOCOL, "Malformed chunked framing.")
+                self.chunk_state = _SIZE
+            elif not line:  # the empty line that ends the trailers
+                self.chunk_state = _DONE
+        if self.chunk_state == _DONE and position < len(buffer):
+            self.keep_alive = False  # bytes after the answer: the connection is out of step
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _deliver(self, exchange: _Exchange, data: bytes) -> None:
+        streaming_callback = exchange.request.streaming_callback
+        if streaming_callback is not None:
+            streaming_callback(data)
+            return
+        self.size += len(data)
+        if self.size > self.client.max_body_size:
+            raise HTTPTransportError(HTTPTransportError.PROTOCOL, "The response body is over the size limit.")
+        self.parts.append(data)
+
+    def _complete(self, exchange: _Exchange) -> None:
+        self.exchange = None
+        body = None if exchange.request.streaming_callback else b"".join(self.parts)
+        code, reason, headers = self.code, self.reason, self.headers or HTTPHeaders()
+        if self.keep_alive and self.usable() and not self.client._closed:
+            self._reset_parser()
+            self.client._park(self)
+        else:
+            self.drop()
+        exchange.succeed(code, reason, headers, body)

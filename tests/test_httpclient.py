@@ -1,0 +1,385 @@
+"""KeepAliveHTTPClient against real sockets: a scripted HTTP/1.1 server and Tornado's own."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any, Awaitable, Callable
+
+import pytest
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from gateway.httpclient import HTTPTransportError, KeepAliveHTTPClient
+
+from .conftest import free_port
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def reply(raw: bytes) -> Answer:
+    async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+
+    return answer
+
+
+def ok(body: bytes = b"ok", *extra: str) -> Answer:
+    head = "\r\n".join(["HTTP/1.1 200 OK", f"Content-Length: {len(body)}", *extra])
+    return reply(head.encode() + b"\r\n\r\n" + body)
+
+
+class ScriptedServer:
+    """An HTTP/1.1 server whose answers are queued by the test, one per request, in order.
+
+    An answer writes whatever bytes it likes; `close` after it ends the
+    connection. With no answer queued, `ok()` is sent. It counts the
+    connections it accepted and keeps the raw requests it read.
+    """
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[Answer, bool]] = []
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.closed = asyncio.Event()
+        self.request_seen = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task] = set()
+
+    def queue(self, answer: Answer, *, close: bool = False) -> None:
+        self.answers.append((answer, close))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+        for handler in self.handlers:
+            handler.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.handlers.add(asyncio.current_task())
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                self.request_seen.set()
+                answer, close = self.answers.pop(0) if self.answers else (ok(), False)
+                await answer(reader, writer)
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.transport.abort()
+            self.handlers.discard(asyncio.current_task())
+            self.closed.set()
+
+
+@pytest.fixture
+def scripted(io_loop: Any) -> Any:
+    server = ScriptedServer()
+    io_loop.run_sync(server.start)
+    yield server
+    io_loop.run_sync(server.stop)
+
+
+@pytest.fixture
+def http(io_loop: Any) -> Any:
+    client = KeepAliveHTTPClient(force_instance=True, max_clients=4)
+    yield client
+    client.close()
+    io_loop.run_sync(lambda: asyncio.sleep(0))  # the dropped transports finish closing
+
+
+@pytest.mark.gen_test
+async def test_post_sends_one_well_formed_request_and_reads_the_answer(scripted, http):
+    scripted.queue(ok(b'{"a":1}', "Content-Type: application/json", "apim-request-id: r1"))
+    response = await http.fetch(
+        scripted.url + "/openai/x?api-version=1", method="POST", body=b'{"q":2}',
+        headers={"api-key": "k", "Content-Type": "application/json"}, user_agent="t",
+    )  # fmt: skip
+    assert (response.code, response.body) == (200, b'{"a":1}')
+    assert response.headers["apim-request-id"] == "r1"
+    head, body = scripted.requests[0].split(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /openai/x?api-version=1 HTTP/1.1"
+    assert {"Api-Key: k", "Content-Length: 7", "User-Agent: t", f"Host: {scripted.url[7:]}"} <= set(lines)
+    assert body == b'{"q":2}'
+
+
+@pytest.mark.gen_test
+async def test_sequential_requests_reuse_one_connection(scripted, http):
+    for _ in range(20):
+        assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"ok"
+    assert scripted.connections == 1
+    assert http.open_connections == 1
+
+
+@pytest.mark.gen_test
+async def test_error_statuses_are_responses_with_their_body(scripted, http):
+    scripted.queue(reply(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 4\r\n\r\nslow"))
+    response = await http.fetch(scripted.url, method="POST", body=b"{}", raise_error=False)
+    assert (response.code, response.headers["Retry-After"], response.body) == (429, "3", b"slow")
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).code == 200
+    assert scripted.connections == 1
+
+
+@pytest.mark.gen_test
+async def test_chunked_answer_streams_per_read_after_every_header_line(scripted, http):
+    gate = asyncio.Event()
+
+    async def chunked(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-One: 1\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await gate.wait()
+        writer.write(b"1;ext=2\r\n \r\n6\r\nworld!\r\n0\r\nTrailer: t\r\n\r\n")
+        await writer.drain()
+
+    scripted.queue(chunked)
+    seen: list[tuple[str, Any]] = []
+
+    def on_chunk(data: bytes) -> None:
+        seen.append(("body", data))
+        gate.set()
+
+    response = await http.fetch(
+        scripted.url, method="POST", body=b"{}",
+        header_callback=lambda line: seen.append(("header", line)), streaming_callback=on_chunk,
+    )  # fmt: skip
+    assert response.code == 200
+    assert seen == [
+        ("header", "HTTP/1.1 200 OK\r\n"),
+        ("header", "Transfer-Encoding: chunked\r\n"),
+        ("header", "X-One: 1\r\n"),
+        ("header", "\r\n"),
+        ("body", b"hello"),
+        ("body", b" world!"),
+    ]
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"ok"
+    assert scripted.connections == 1
+
+
+@pytest.mark.gen_test
+async def test_chunk_framing_split_across_reads(scripted, http):
+    async def dribble(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n3\r\nabc\r\n0\r\n\r\n"
+        for index in range(len(raw)):
+            writer.write(raw[index : index + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+
+    scripted.queue(dribble)
+    response = await http.fetch(scripted.url, method="POST", body=b"{}")
+    assert response.body == b"0123456789abc"
+
+
+@pytest.mark.gen_test
+async def test_body_until_close_and_connection_close_are_not_reused(scripted, http):
+    scripted.queue(reply(b"HTTP/1.1 200 OK\r\n\r\nuntil close"), close=True)
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"until close"
+    scripted.queue(ok(b"once", "Connection: close"), close=True)
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"once"
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"ok"
+    assert scripted.connections == 3
+
+
+@pytest.mark.gen_test
+async def test_interim_100_answer_is_skipped(scripted, http):
+    scripted.queue(reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"))
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"hi"
+
+
+@pytest.mark.gen_test
+async def test_a_pooled_connection_closed_by_the_server_is_not_used(scripted, http):
+    scripted.queue(ok(), close=True)  # keep-alive promised, then closed while idle
+    await http.fetch(scripted.url, method="POST", body=b"{}")
+    await scripted.closed.wait()
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"ok"
+    assert scripted.connections == 2
+
+
+@pytest.mark.gen_test
+async def test_a_request_racing_the_servers_close_is_sent_again_once(scripted, http):
+    await http.fetch(scripted.url, method="POST", body=b"{}")
+
+    async def close_unanswered(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    scripted.queue(close_unanswered, close=True)
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"ok"
+    assert (len(scripted.requests), scripted.connections) == (3, 2)
+    # Twice in a row on one request is the server's answer, not a race.
+    scripted.queue(close_unanswered, close=True)
+    scripted.queue(close_unanswered, close=True)
+    with pytest.raises(HTTPTransportError) as failure:
+        await http.fetch(scripted.url, method="POST", body=b"{}")
+    assert failure.value.kind == HTTPTransportError.CLOSED
+
+
+@pytest.mark.gen_test
+async def test_cut_mid_body_is_a_closed_transport_error(scripted, http):
+    scripted.queue(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"), close=True)
+    with pytest.raises(HTTPTransportError) as failure:
+        await http.fetch(scripted.url, method="POST", body=b"{}")
+    assert (failure.value.code, failure.value.kind) == (599, HTTPTransportError.CLOSED)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    "raw",
+    [b"SSH-2.0-OpenSSH\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+)  # fmt: skip
+async def test_garbled_answers_are_protocol_errors(scripted, http, raw):
+    scripted.queue(reply(raw))
+    with pytest.raises(HTTPTransportError) as failure:
+        await http.fetch(scripted.url, method="POST", body=b"{}")
+    assert failure.value.kind == HTTPTransportError.PROTOCOL
+
+
+@pytest.mark.gen_test
+async def test_body_over_the_limit_is_refused(io_loop, scripted):
+    client = KeepAliveHTTPClient(force_instance=True, max_body_size=10)
+    try:
+        scripted.queue(ok(b"x" * 11))
+        with pytest.raises(HTTPTransportError, match="size limit"):
+            await client.fetch(scripted.url, method="POST", body=b"{}")
+    finally:
+        client.close()
+
+
+@pytest.mark.gen_test
+async def test_refused_connection_is_a_connect_error(http):
+    with pytest.raises(HTTPTransportError) as failure:
+        await http.fetch(f"http://127.0.0.1:{free_port()}/", method="POST", body=b"{}")
+    assert failure.value.kind == HTTPTransportError.CONNECT
+
+
+def hang() -> Answer:
+    """Answer nothing; the request ends when the client closes the connection."""
+
+    async def answer(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    return answer
+
+
+@pytest.mark.gen_test
+async def test_request_timeout_drops_the_connection(scripted, http):
+    scripted.queue(hang())
+    with pytest.raises(HTTPTransportError) as failure:
+        await http.fetch(scripted.url, method="POST", body=b"{}", request_timeout=0.2)
+    assert failure.value.kind == HTTPTransportError.TIMEOUT
+    await scripted.closed.wait()
+
+
+@pytest.mark.gen_test
+async def test_abort_ends_the_request_and_its_connection_at_once(scripted, http):
+    from tornado.httpclient import HTTPRequest
+
+    scripted.queue(hang())
+    request = HTTPRequest(scripted.url, method="POST", body=b"{}")
+    fetch = http.fetch(request)
+    await scripted.request_seen.wait()
+    assert http.abort(request) is True
+    with pytest.raises(HTTPTransportError) as failure:
+        await fetch
+    assert failure.value.kind == HTTPTransportError.ABORTED
+    await scripted.closed.wait()
+    assert http.abort(request) is False
+    assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"ok"
+
+
+@pytest.mark.gen_test
+async def test_max_clients_bounds_connections_and_queues_the_rest(io_loop, scripted):
+    client = KeepAliveHTTPClient(force_instance=True, max_clients=2)
+    release = asyncio.Event()
+
+    async def held(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await ok()(_reader, writer)
+
+    try:
+        for _ in range(5):
+            scripted.queue(held)
+        fetches = [asyncio.ensure_future(client.fetch(scripted.url, method="POST", body=b"{}")) for _ in range(5)]
+        while len(scripted.requests) < 2:
+            await asyncio.sleep(0.01)
+        assert len(scripted.requests) == 2
+        release.set()
+        assert [response.code for response in await asyncio.gather(*fetches)] == [200] * 5
+        assert scripted.connections == 2
+    finally:
+        client.close()
+
+
+@pytest.mark.gen_test
+async def test_a_waiting_request_can_be_aborted_and_times_out(io_loop, scripted):
+    from tornado.httpclient import HTTPRequest
+
+    client = KeepAliveHTTPClient(force_instance=True, max_clients=1)
+    try:
+        scripted.queue(hang())
+        busy = asyncio.ensure_future(client.fetch(scripted.url, method="POST", body=b"{}"))
+        await scripted.request_seen.wait()
+        waiting = HTTPRequest(scripted.url, method="POST", body=b"{}")
+        fetch = client.fetch(waiting)
+        client.abort(waiting)
+        with pytest.raises(HTTPTransportError, match="aborted"):
+            await fetch
+        with pytest.raises(HTTPTransportError) as failure:
+            await client.fetch(scripted.url, method="POST", body=b"{}", request_timeout=0.1)
+        assert failure.value.kind == HTTPTransportError.TIMEOUT
+        assert len(scripted.requests) == 1
+    finally:
+        client.close()
+    with pytest.raises(HTTPTransportError, match="closed"):
+        await busy
+
+
+@pytest.mark.gen_test
+async def test_a_header_with_a_line_break_is_never_sent(scripted, http):
+    with pytest.raises(ValueError, match="line break"):
+        await http.fetch(scripted.url, method="POST", body=b"{}", headers={"x-request-id": "a\r\nb: c"})
+    assert scripted.requests == []
+
+
+class Echo(tornado.web.RequestHandler):
+    def post(self) -> None:
+        self.write(b"tls:" + self.request.body)
+
+
+@pytest.mark.gen_test
+async def test_tls_with_a_trusted_certificate_and_keep_alive(io_loop, http, certificate):
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sock, port = bind_unused_port()
+    server = HTTPServer(tornado.web.Application([("/", Echo)]), ssl_options=context)
+    server.add_sockets([sock])
+    try:
+        url = f"https://127.0.0.1:{port}/"
+        with pytest.raises(HTTPTransportError) as failure:
+            await http.fetch(url, method="POST", body=b"1")
+        assert failure.value.kind == HTTPTransportError.CONNECT
+        for body in (b"1", b"2"):
+            response = await http.fetch(url, method="POST", body=body, ca_certs=cert)
+            assert response.body == b"tls:" + body
+        assert http.open_connections == 1
+    finally:
+        server.stop()
