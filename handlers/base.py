@@ -24,6 +24,11 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
 }
 HSTS = "max-age=15552000; includeSubDomains"
+# Every response's constant headers, in the order they are sent. Written
+# straight into the response's HTTPHeaders: set_header's per-value check is
+# for values that come from outside, these are fixed here.
+DEFAULT_HEADERS = tuple(SECURITY_HEADERS.items())
+DEFAULT_HEADERS_HTTPS = (*DEFAULT_HEADERS, ("Strict-Transport-Security", HSTS))
 CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 
 
@@ -40,19 +45,22 @@ class BaseHandler(RequestHandler):
         return self.application.settings["context"]
 
     def set_default_headers(self) -> None:
+        # Tornado's clear() calls this for every response, and again when
+        # send_error starts an error response over, so errors carry them too.
         self.clear_header("Server")
-        for name, value in SECURITY_HEADERS.items():
-            self.set_header(name, value)
-        if self.request.protocol == "https":
-            self.set_header("Strict-Transport-Security", HSTS)
+        headers = self._headers
+        https = self.request.protocol == "https"
+        for name, value in DEFAULT_HEADERS_HTTPS if https else DEFAULT_HEADERS:
+            headers[name] = value
         self._set_cors_headers()
 
     def _set_cors_headers(self) -> None:
         origins = self.context.settings.cors_origins
-        origin = self.request.headers.get("Origin")
         if "*" in origins:
-            self.set_header("Access-Control-Allow-Origin", "*")
-        elif origin in origins:
+            self._headers["Access-Control-Allow-Origin"] = "*"
+            return
+        origin = self.request.headers.get("Origin")
+        if origin in origins:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.add_header("Vary", "Origin")
 

@@ -15,6 +15,7 @@ from tornado.httpclient import HTTPClientError
 
 from gateway.emulator import Fault
 from gateway.sse import EventFramer, event_data, usage_in
+from handlers.base import SECURITY_HEADERS
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY, free_port
 
@@ -42,6 +43,28 @@ async def test_security_headers_and_no_server_banner(gateway):
     assert response.headers["Referrer-Policy"] == "no-referrer"
     assert "Server" not in response.headers
     assert "Strict-Transport-Security" not in response.headers
+
+
+@pytest.mark.gen_test
+async def test_error_answers_carry_the_same_default_headers(gateway, monkeypatch):
+    # send_error clears the response and sets the defaults again: none may be lost.
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    ok = await gateway.post("/v1/gpt/chat", {"prompt": "hello"})
+    not_found = await gateway.get("/nope")
+    wrong_method = await gateway.get("/v1/gpt/chat")
+    bad_body = await gateway.post("/v1/gpt/chat", b"{not json")
+    monkeypatch.setattr("handlers.chat.GptChatHandler.upstream_body", broken)
+    failed = await gateway.post("/v1/gpt/chat", {"prompt": "hello"})
+    answers = (ok, not_found, wrong_method, bad_body, failed)
+    assert [answer.code for answer in answers] == [200, 404, 405, 400, 500]
+    for answer in answers:
+        for name, value in SECURITY_HEADERS.items():
+            assert answer.headers.get_list(name) == [value], (answer.code, name)
+        assert answer.headers.get_list("Access-Control-Allow-Origin") == ["*"]
+        assert "Server" not in answer.headers
+        assert "Strict-Transport-Security" not in answer.headers
 
 
 @pytest.mark.gen_test
