@@ -59,11 +59,13 @@ class GatewayContext:
     def request_finished(self, record: Mapping[str, Any]) -> None:
         """Log a finished request and count it in the metrics."""
         write_access_log(record, self.settings.log_format)
-        route = record["route"]
-        self.metrics.requests_total.labels(route, str(record["status"])).inc()
-        self.metrics.request_duration_seconds.labels(route).observe(record["duration_ms"] / 1000)
-        if record.get("ttft_ms") is not None:
-            self.metrics.time_to_first_token_seconds.labels(route).observe(record["ttft_ms"] / 1000)
+        ttft_ms = record.get("ttft_ms")
+        self.metrics.count_request(
+            record["route"],
+            record["status"],
+            record["duration_ms"] / 1000,
+            None if ttft_ms is None else ttft_ms / 1000,
+        )
 
     def count_attempt(self, deployment: Deployment, outcome: str) -> None:
-        self.metrics.upstream_attempts_total.labels(deployment.name, outcome).inc()
+        self.metrics.count_attempt(deployment.name, outcome)

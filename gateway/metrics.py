@@ -33,6 +33,8 @@ import glob
 import os
 import re
 import sys
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -60,6 +62,31 @@ TIME_TO_FIRST_TOKEN_BUCKETS = (
 )  # fmt: skip
 
 _PROCESS_FILE = re.compile(r"_(\d+)\.db$")
+
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
+
+
+class LabelledChildren(Generic[MetricT]):
+    """`metric.labels(*values)`, made once per distinct label values.
+
+    prometheus-client's `labels()` turns every value into a string, takes a
+    lock and looks the child up on each call. The child it returns lives as
+    long as the metric (the gateway never removes a series), in multiprocess
+    mode too: its value writes to this process's file, and prometheus-client
+    switches files itself if the process id changes. So each child is kept
+    here, keyed by the values as given, and a label set seen before costs one
+    dict lookup. There are only as many entries as the metric has series.
+    """
+
+    def __init__(self, metric: MetricT) -> None:
+        self.metric = metric
+        self._children: dict[tuple[Hashable, ...], MetricT] = {}
+
+    def __call__(self, *values: Hashable) -> MetricT:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -124,10 +151,34 @@ class Metrics:
             registry=registry,
         )
 
+        self._requests = LabelledChildren(self.requests_total)
+        self._durations = LabelledChildren(self.request_duration_seconds)
+        self._first_tokens = LabelledChildren(self.time_to_first_token_seconds)
+        self._attempts = LabelledChildren(self.upstream_attempts_total)
+        self._tokens = LabelledChildren(self.tokens_total)
+        self._quota_rejections = LabelledChildren(self.quota_rejections_total)
+
+    def count_request(
+        self, route: str, status: int, duration: float, time_to_first_token: float | None = None
+    ) -> None:
+        """Count one answered request, its duration and (streams) its time to first token, in seconds."""
+        self._requests(route, status).inc()
+        self._durations(route).observe(duration)
+        if time_to_first_token is not None:
+            self._first_tokens(route).observe(time_to_first_token)
+
+    def count_attempt(self, deployment: str, outcome: str) -> None:
+        """Count one call to a deployment: "ok", or the failure's code."""
+        self._attempts(deployment, outcome).inc()
+
     def count_tokens(self, key: str, deployment: str, prompt: int, completion: int) -> None:
         """Add one answer's usage to gateway_tokens_total."""
-        self.tokens_total.labels(key, deployment, "prompt").inc(prompt)
-        self.tokens_total.labels(key, deployment, "completion").inc(completion)
+        self._tokens(key, deployment, "prompt").inc(prompt)
+        self._tokens(key, deployment, "completion").inc(completion)
+
+    def count_quota_rejection(self, key: str, limit: str) -> None:
+        """Count a request refused by `key`'s limit ("requests" or "tokens")."""
+        self._quota_rejections(key, limit).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its Content-Type.

@@ -131,9 +131,7 @@ class ChatProxyHandler(JsonBodyHandler):
         for name, value in admission.headers.items():
             self.set_sticky_header(name, value)
         if not admission.allowed:
-            self.context.metrics.quota_rejections_total.labels(
-                self.caller.name, admission.limit
-            ).inc()
+            self.context.metrics.count_quota_rejection(self.caller.name, admission.limit)
             raise GatewayError(
                 429,
                 "rate_limit_exceeded",

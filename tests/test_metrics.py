@@ -77,6 +77,34 @@ def test_render_has_every_series_after_known_increments(single_process):
     assert found[series("gateway_redis_errors_total")] == 4
 
 
+def test_count_methods_add_to_one_series_per_label_set(single_process):
+    metrics = Metrics(CollectorRegistry())
+    for _ in range(3):
+        metrics.count_request(ROUTE, 200, 0.2)
+    metrics.count_request(ROUTE, 429, 0.01)
+    metrics.count_request(ROUTE, 200, 1.5, time_to_first_token=0.7)
+    metrics.count_attempt("gpt-4o", "ok")
+    metrics.count_attempt("gpt-4o", "ok")
+    metrics.count_attempt("gpt-4o", "upstream_timeout")
+    metrics.count_tokens("alice", "gpt-4o", 1, 2)
+    metrics.count_tokens("alice", "gpt-4o", 10, 20)
+    metrics.count_quota_rejection("alice", "tokens")
+    metrics.count_quota_rejection("alice", "tokens")
+
+    found = samples(metrics.render()[0])
+    assert found[series("gateway_requests_total", route=ROUTE, status="200")] == 4
+    assert found[series("gateway_requests_total", route=ROUTE, status="429")] == 1
+    assert found[series("gateway_request_duration_seconds_count", route=ROUTE)] == 5
+    assert found[series("gateway_request_duration_seconds_sum", route=ROUTE)] == pytest.approx(2.11)
+    assert found[series("gateway_time_to_first_token_seconds_count", route=ROUTE)] == 1
+    assert found[series("gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok")] == 2
+    timeout = series("gateway_upstream_attempts_total", deployment="gpt-4o", outcome="upstream_timeout")
+    assert found[timeout] == 1
+    assert found[series("gateway_tokens_total", **ALICE, kind="prompt")] == 11
+    assert found[series("gateway_tokens_total", **ALICE, kind="completion")] == 22
+    assert found[series("gateway_quota_rejections_total", key="alice", limit="tokens")] == 2
+
+
 def test_buckets_reach_from_milliseconds_to_minutes(single_process):
     body, _ = Metrics(CollectorRegistry()).render()
     assert b"# TYPE gateway_request_duration_seconds histogram" in body
@@ -106,9 +134,9 @@ from gateway.metrics import Metrics
 
 n = int(sys.argv[1])
 metrics = Metrics(CollectorRegistry())
-metrics.requests_total.labels("/v1/chat/completions", "200").inc(n)
-metrics.request_duration_seconds.labels("/v1/chat/completions").observe(0.3)
-metrics.count_tokens("alice", "gpt-4o", 10 * n, n)
+for _ in range(n):  # the same series each time, as the gateway counts
+    metrics.count_request("/v1/chat/completions", 200, 0.3)
+    metrics.count_tokens("alice", "gpt-4o", 10, 1)
 metrics.streams_in_flight.inc()
 metrics.redis_errors_total.inc()
 """
@@ -133,7 +161,7 @@ def test_multiprocess_mode_sums_every_process(tmp_path, monkeypatch):
     metrics.requests_total.labels(ROUTE, "200").inc(1000)
     found = samples(metrics.render()[0])
     assert found[series("gateway_requests_total", route=ROUTE, status="200")] == 7
-    assert found[series("gateway_request_duration_seconds_count", route=ROUTE)] == 2
+    assert found[series("gateway_request_duration_seconds_count", route=ROUTE)] == 7
     assert found[series("gateway_tokens_total", **ALICE, kind="prompt")] == 70
     assert found[series("gateway_redis_errors_total")] == 2
     assert found[series("gateway_streams_in_flight")] == 2
