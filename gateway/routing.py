@@ -73,8 +73,8 @@ class DeploymentPool:
     def choose(self, candidates: tuple[Deployment, ...]) -> Deployment | None:
         """A ready candidate, picked by weight; None if all are cooling down."""
         ready = [d for d in candidates if self.cooling_for(d) == 0.0]
-        if not ready:
-            return None
+        if len(ready) <= 1:
+            return ready[0] if ready else None  # no draw: the usual case is one deployment
         return self._rng.choices(ready, weights=[d.weight for d in ready])[0]
 
     def earliest_ready(self, candidates: tuple[Deployment, ...]) -> float:
