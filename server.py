@@ -294,6 +294,11 @@ def main() -> int:
 
 def configure_logging() -> None:
     """Access lines go to stdout as they are (JSON must stay one clean line); the rest to stderr."""
+    # No format here shows a record's thread or process: don't look them up
+    # for each record (the logging HOWTO's "Optimization" section).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

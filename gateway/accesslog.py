@@ -38,10 +38,14 @@ def default_format(stream: Any = sys.stdout) -> str:
     return "text" if stream.isatty() else "json"
 
 
+# json.dumps with options builds a new encoder on every call; this one is built once.
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def format_line(record: Mapping[str, Any], style: str) -> str:
-    fields = {name: record.get(name) for name in FIELDS if record.get(name) is not None}
+    fields = {name: value for name in FIELDS if (value := record.get(name)) is not None}
     if style == "json":
-        return json.dumps(fields, separators=(",", ":"))
+        return _encode_json(fields)
     return " ".join(f"{name}={value}" for name, value in fields.items())
 
 
