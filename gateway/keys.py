@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jsonschema.exceptions import ValidationError
+from tornado.httputil import HTTPHeaders
 
 from .deployments import entry_label, expand_variables
 from .errors import ConfigError, GatewayError
@@ -181,13 +182,10 @@ def _schema_problem(error: ValidationError, entries: Any) -> str:
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
     """The key in `api-key: K` or else `Authorization: Bearer K` (any header-name case)."""
-    api_key = authorization = ""
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered == "api-key":
-            api_key = value.strip()
-        elif lowered == "authorization":
-            authorization = value.strip()
+    if not isinstance(headers, HTTPHeaders):
+        headers = HTTPHeaders(headers)
+    api_key = headers.get("api-key", "").strip()
+    authorization = headers.get("Authorization", "").strip()
     if api_key:
         return api_key
     scheme, _, token = authorization.partition(" ")

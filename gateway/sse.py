@@ -21,12 +21,11 @@ class EventFramer:
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the events completed by `chunk`, separator included."""
         buffer = self._buffer + chunk if self._buffer else chunk
+        # Azure separates events with a blank line of LFs; CR forms are rarer.
+        find_end = _crlf_event_end if b"\r" in buffer else _lf_event_end
         events = []
         start = 0
-        while True:
-            end = _event_end(buffer, start)
-            if end < 0:
-                break
+        while (end := find_end(buffer, start)) >= 0:
             events.append(buffer[start:end])
             start = end
         self._buffer = buffer[start:]
@@ -38,11 +37,12 @@ class EventFramer:
         return self._buffer
 
 
-def _event_end(buffer: bytes, start: int) -> int:
-    # Azure separates events with a blank line of LFs; CR forms are rarer.
+def _lf_event_end(buffer: bytes, start: int) -> int:
     index = buffer.find(b"\n\n", start)
-    if b"\r" not in buffer:
-        return -1 if index < 0 else index + 2
+    return -1 if index < 0 else index + 2
+
+
+def _crlf_event_end(buffer: bytes, start: int) -> int:
     ends = [i + len(sep) for sep in _SEPARATORS if (i := buffer.find(sep, start)) >= 0]
     return min(ends) if ends else -1
 
@@ -66,9 +66,11 @@ def usage_in(event: bytes) -> dict | None:
     """The `usage` object of Azure's usage event, or None for any other event.
 
     Cheap for the common case: with `include_usage`, every other chunk
-    carries `"usage":null`, and one without the word is never parsed.
+    carries `"usage":null`, and only an event whose last `"usage"` key is
+    followed by an object is parsed.
     """
-    if b'"usage"' not in event or b'"usage":null' in event:
+    key = event.rfind(b'"usage"')
+    if key < 0 or not event[key + 7 : key + 16].lstrip(b": \t").startswith(b"{"):
         return None
     try:
         payload = json.loads(event_data(event))

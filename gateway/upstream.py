@@ -21,7 +21,7 @@ from tornado.ioloop import IOLoop
 from .config import Settings
 from .deployments import Deployment
 from .errors import GatewayError, map_transport_error, map_upstream_status
-from .httpclient import HTTPTransportError, KeepAliveHTTPClient
+from .httpclient import HTTPTransportError, KeepAliveHTTPClient, parse_header_lines
 from .sse import EventFramer, is_done
 
 USER_AGENT = "azure-gpt-api"
@@ -64,9 +64,8 @@ class StreamSink(Protocol):
 
     def start(self, upstream_headers: HTTPHeaders) -> None: ...
 
-    def send(self, event: bytes) -> None: ...
-
-    def flush_events(self) -> None: ...
+    def send(self, events: list[bytes]) -> None:
+        """Write the events of one read from Azure, together, and flush them."""
 
     def fail(self, error: GatewayError) -> None: ...
 
@@ -189,7 +188,8 @@ class _StreamRelay:
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.status: int | None = None
-        self.headers = HTTPHeaders()
+        self._header_lines: list[str] = []
+        self._headers: HTTPHeaders | None = None
         self.error_body = bytearray()
         self.framer = EventFramer()
         self.started = False
@@ -202,9 +202,15 @@ class _StreamRelay:
         line = raw.rstrip("\r\n")
         if line.startswith("HTTP/"):
             self.status = parse_response_start_line(line).code
-            self.headers = HTTPHeaders()
         elif line:
-            self.headers.parse_line(line)
+            self._header_lines.append(line)
+
+    @property
+    def headers(self) -> HTTPHeaders:
+        """Azure's response headers, parsed when first needed (the client checked them already)."""
+        if self._headers is None:
+            self._headers = parse_header_lines(self._header_lines)
+        return self._headers
 
     def on_chunk(self, chunk: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -215,17 +221,15 @@ class _StreamRelay:
                 self.error_body += chunk
             return
         events = self.framer.feed(chunk)
-        for event in events:
-            if not self.started:
-                self.started = True
-                self.sink.start(self.headers)
-            if is_done(event):
-                self.done = True
-            self.sink.send(event)
-        if events:
-            # One write to the caller per read from Azure: events that arrived
-            # together leave together, and none waits for a later read.
-            self.sink.flush_events()
+        if not events:
+            return
+        if not self.started:
+            self.started = True
+            self.sink.start(self.headers)
+        self.done = is_done(events[-1])
+        # One write to the caller per read from Azure: events that arrived
+        # together leave together, and none waits for a later read.
+        self.sink.send(events)
 
     def arm_timer(self) -> None:
         self._timer = IOLoop.current().call_later(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
-import uuid
 from typing import Any, Mapping
 
 from tornado.httputil import HTTPHeaders
@@ -61,7 +61,7 @@ class ChatProxyHandler(JsonBodyHandler):
         self._counted = True
         self.sticky_headers = {}
         supplied = self.request.headers.get("x-request-id", "")
-        self.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        self.request_id = supplied if _REQUEST_ID.match(supplied) else secrets.token_hex(16)
         self.set_sticky_header("x-request-id", self.request_id)
 
     def set_sticky_header(self, name: str, value: str) -> None:
@@ -247,16 +247,17 @@ class ChatProxyHandler(JsonBodyHandler):
         # events 10 ms apart that held some back by ~40 ms.
         self.request.connection.stream.set_nodelay(True)
 
-    def send(self, event: bytes) -> None:
-        usage = usage_in(event)
-        if usage is not None:
-            self.usage = usage
-            if not self.wants_stream_usage:
-                return  # asked for our accounting, not by the caller
-        self.write(event)
-
-    def flush_events(self) -> None:
-        self.flush()
+    def send(self, events: list[bytes]) -> None:
+        for event in events:
+            usage = usage_in(event)
+            if usage is not None:
+                self.usage = usage
+                if not self.wants_stream_usage:
+                    events = [kept for kept in events if kept is not event]
+                    break  # asked for our accounting, not by the caller
+        if events:
+            self.write(events[0] if len(events) == 1 else b"".join(events))
+            self.flush()
 
     def fail(self, error: GatewayError) -> None:
         self.write(encode_event(self.stream_error_payload(error)))

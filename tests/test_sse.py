@@ -1,6 +1,8 @@
 """Event framing: whole events out, bytes untouched, however the chunks are cut."""
 
-from gateway.sse import EventFramer, encode_event, event_data, is_done
+import json
+
+from gateway.sse import EventFramer, encode_event, event_data, is_done, usage_in
 
 STREAM = (
     b'data: {"choices":[],"prompt_filter_results":[]}\n\n'
@@ -45,3 +47,13 @@ def test_event_data_and_done():
 
 def test_encode_event():
     assert encode_event({"a": 1}) == b'data: {"a":1}\n\n'
+
+
+def test_usage_in_finds_only_a_usage_object():
+    usage = b'{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}'
+    assert usage_in(b'data: {"choices":[],"usage":' + usage + b"}\n\n") == json.loads(usage)
+    assert usage_in(b'data: {"usage": ' + usage + b',"choices":[]}\n\n') == json.loads(usage)
+    assert usage_in(b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n') is None
+    assert usage_in(b'data: {"choices":[{"delta":{"content":"\\"usage\\":{}"}}]}\n\n') is None
+    assert usage_in(b"data: [DONE]\n\n") is None
+    assert usage_in(b'data: {"usage":{"broken"\n\n') is None
