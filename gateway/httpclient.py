@@ -217,6 +217,9 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         finally:
             self._connecting -= 1
         exchange.connecting = None
+        if exchange.finished:  # aborted or timed out just as the connection came up
+            self._park(connection)
+            return
         connection.send(exchange, reused=False)
 
     def _close_oldest_idle(self) -> None:

@@ -383,3 +383,35 @@ async def test_tls_with_a_trusted_certificate_and_keep_alive(io_loop, http, cert
         assert http.open_connections == 1
     finally:
         server.stop()
+
+
+@pytest.fixture
+def silent_listener() -> Any:
+    """A socket that listens but never accepts: TCP connects, a TLS handshake never ends."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"https://127.0.0.1:{sock.getsockname()[1]}/"
+    sock.close()
+
+
+@pytest.mark.gen_test
+async def test_connect_timeout_covers_the_tls_handshake(http, silent_listener):
+    with pytest.raises(HTTPTransportError) as failure:
+        await http.fetch(silent_listener, method="POST", body=b"{}", connect_timeout=0.2, validate_cert=False)
+    assert (failure.value.kind, failure.value.message) == (HTTPTransportError.TIMEOUT, "Timeout while connecting.")
+    assert http.open_connections == 0
+
+
+@pytest.mark.gen_test
+async def test_abort_while_connecting(http, silent_listener):
+    from tornado.httpclient import HTTPRequest
+
+    request = HTTPRequest(silent_listener, method="POST", body=b"{}", validate_cert=False)
+    fetch = http.fetch(request)  # the connection is being made from here on
+    assert http.abort(request) is True
+    with pytest.raises(HTTPTransportError) as failure:
+        await fetch
+    assert failure.value.kind == HTTPTransportError.ABORTED
