@@ -36,10 +36,10 @@ def test_quick_benchmark_runs_without_errors_and_reports_every_figure(tmp_path):
         assert results["direct"][key], key
 
     reference = results["reference"]
-    for run in ("nonstream_c50", "stream_c50", "nonstream_c1", "stream_c1"):
+    for run in ("nonstream_c50", "stream_c50", "stream_spaced_c50", "nonstream_c1", "stream_c1"):
         assert reference[run]["requests"] > 0, ("reference", run)
         assert not any(reference[run]["errors"].values()), ("reference", run, reference[run]["errors"])
-    for run in ("nonstream_c50", "stream_c50"):
+    for run in ("nonstream_c50", "stream_c50", "stream_spaced_c50"):
         assert reference[run]["server_cpu_ms_per_request"] > 0, ("reference", run)
     assert reference["nonstream_added_p50_ms"] is not None
 
@@ -50,7 +50,8 @@ def test_quick_benchmark_runs_without_errors_and_reports_every_figure(tmp_path):
             assert not any(route[run]["errors"].values()), (name, run, route[run]["errors"])
             assert route[run]["server_cpu_ms_per_request"] > 0, (name, run)
         assert route["nonstream_added_p50_ms"] is not None
-        assert route["nonstream_cpu_vs_reference"] > 0 and route["stream_cpu_vs_reference"] > 0
+        for kind in ("nonstream", "stream", "stream_spaced"):
+            assert route[f"{kind}_cpu_vs_reference"] > 0, (name, kind)
         assert route["events"]["events_timed"] > 0 and route["events"]["errors"] == []
         assert route["events_large"]["events_timed"] > 0
         sequential = route["sequential"]
@@ -63,5 +64,6 @@ def test_quick_benchmark_runs_without_errors_and_reports_every_figure(tmp_path):
     metrics = {target["metric"] for target in results["targets"]}
     assert {"cpu_ms_per_nonstream_request", "cpu_ms_per_stream", "added_p50_ms_1_connection",
             "nonstream_rps_1_process", "first_event_ms_max", "upstream_connections_per_10k_sequential",
-            "cpu_ms_per_nonstream_request_vs_reference", "cpu_ms_per_stream_vs_reference"} <= metrics
+            "cpu_ms_per_nonstream_request_vs_reference", "cpu_ms_per_stream_vs_reference",
+            "cpu_ms_per_stream_spaced_events_vs_reference"} <= metrics
     assert "targets:" in completed.stdout and "Metric" in completed.stdout and "reference" in completed.stdout
