@@ -26,24 +26,30 @@ need and no more:
   timeouts the caller keeps).
 - TLS with the system's trust store (or `ca_certs`), the host name checked
   unless `validate_cert` is False, and an optional client certificate.
+- Proxies as curl takes them from the environment (`HTTPS_PROXY`,
+  `HTTP_PROXY`, `NO_PROXY`, any case): an https origin through a `CONNECT`
+  tunnel, an http one with absolute request URLs; `http://user:pass@host:port`
+  proxies send Basic `Proxy-Authorization`.
 
 A failure with no HTTP answer is an `HTTPTransportError` (code 599) whose
 `kind` says what happened; `AsyncHTTPClient.fetch` raises it even with
 `raise_error=False`. Left out, because the upstream never needs them:
-proxies, redirects, compressed answers (no Accept-Encoding is sent),
+redirects, compressed answers (no Accept-Encoding is sent), TLS to the proxy itself,
 `Expect: 100-continue`, `body_producer` and pipelining.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
+import urllib.request
 from collections import deque
 from functools import lru_cache
 from io import BytesIO
 from typing import Any, Callable, Iterable, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders, HTTPInputError, parse_response_start_line
@@ -107,8 +113,32 @@ def _target(url: str) -> _Target:
     return _Target((parts.scheme, parts.hostname, port), host_header, path)
 
 
-def _request_head(request: HTTPRequest, target: _Target, body: bytes) -> bytes:
-    lines = [f"{request.method} {target.path} HTTP/1.1", f"Host: {target.host_header}"]
+class _Proxy(NamedTuple):
+    host: str
+    port: int
+    authorization: str | None  # the Proxy-Authorization value
+
+
+def _proxy(url: str, variable: str) -> _Proxy:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{variable}: only http:// proxies are supported (got {parts.scheme}://)")
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+    return _Proxy(parts.hostname, parts.port or 80, authorization)
+
+
+def _request_head(request: HTTPRequest, target: _Target, body: bytes, via: _Proxy | None) -> bytes:
+    scheme = target.origin[0]
+    if via is not None and scheme == "http":  # a plain proxy takes the absolute URL
+        lines = [f"{request.method} http://{target.host_header}{target.path} HTTP/1.1"]
+        if via.authorization:
+            lines.append(f"Proxy-Authorization: {via.authorization}")
+    else:
+        lines = [f"{request.method} {target.path} HTTP/1.1"]
+    lines.append(f"Host: {target.host_header}")
     if request.user_agent and "User-Agent" not in request.headers:
         lines.append(f"User-Agent: {request.user_agent}")
     for name, value in request.headers.get_all():
@@ -130,7 +160,9 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         max_clients: int = DEFAULT_MAX_CLIENTS,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         defaults: dict[str, Any] | None = None,
+        proxies: dict[str, str] | None = None,
     ) -> None:
+        """`proxies` maps "http"/"https" (and "no") as urllib does; None reads the environment."""
         super().initialize(defaults=defaults)
         self.max_clients = max_clients
         self.max_body_size = max_body_size
@@ -142,6 +174,11 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         self._open: set[_Connection] = set()
         self._connecting = 0
         self._tls_contexts: dict[tuple, ssl.SSLContext] = {}
+        self._proxies = urllib.request.getproxies_environment() if proxies is None else proxies
+        self._routes: dict[tuple[str, str, int], _Proxy | None] = {}
+        for scheme in ("http", "https"):
+            if scheme in self._proxies:  # checked now: a bad proxy URL stops the start, not a request
+                _proxy(self._proxies[scheme], f"{scheme}_proxy")
 
     def close(self) -> None:
         """Fail every request still running or waiting, and close every connection."""
@@ -166,6 +203,15 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
             self._run(exchange)
         else:
             self._waiting.append(exchange)
+
+    def proxy_for(self, origin: tuple[str, str, int]) -> _Proxy | None:
+        """The proxy an origin is reached through, if any (decided once per origin)."""
+        if origin not in self._routes:
+            scheme, host, _ = origin
+            url = self._proxies.get(scheme)
+            bypass = url is None or urllib.request.proxy_bypass_environment(host, self._proxies)
+            self._routes[origin] = None if bypass else _proxy(url, f"{scheme}_proxy")
+        return self._routes[origin]
 
     def abort(self, request: HTTPRequest) -> bool:
         """End `request` now if it is running or waiting; its fetch fails with kind ABORTED."""
@@ -196,18 +242,12 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
 
     async def _connect_and_send(self, exchange: _Exchange) -> None:
         request = exchange.request
-        scheme, host, port = exchange.target.origin
         if len(self._open) + self._connecting >= self.max_clients:
             self._close_oldest_idle()
         self._connecting += 1
         try:
             async with asyncio.timeout(request.connect_timeout or None):
-                _, connection = await self._loop.create_connection(
-                    lambda: _Connection(self, exchange.target.origin),
-                    host,
-                    port,
-                    ssl=self._tls_context(request) if scheme == "https" else None,
-                )
+                connection = await self._connect(exchange.target.origin, exchange.via, request)
         except TimeoutError:
             exchange.fail(HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout while connecting."))
             return
@@ -221,6 +261,28 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
             self._park(connection)
             return
         connection.send(exchange, reused=False)
+
+    async def _connect(
+        self, origin: tuple[str, str, int], via: _Proxy | None, request: HTTPRequest
+    ) -> _Connection:
+        scheme, host, port = origin
+        context = self._tls_context(request) if scheme == "https" else None
+        if via is None or context is None:
+            address = (host, port) if via is None else (via.host, via.port)
+            _, connection = await self._loop.create_connection(
+                lambda: _Connection(self, origin), *address, ssl=context
+            )
+            return connection
+        transport, tunnel = await self._loop.create_connection(_Tunnel, via.host, via.port)
+        try:
+            await tunnel.open(f"{host}:{port}", via.authorization)
+            connection = _Connection(self, origin)
+            secure = await self._loop.start_tls(transport, connection, context, server_hostname=host)
+        except BaseException:
+            transport.abort()
+            raise
+        connection.connection_made(secure)
+        return connection
 
     def _close_oldest_idle(self) -> None:
         oldest = min(
@@ -289,8 +351,9 @@ class _Exchange:
         self.request = request
         self.callback = callback
         self.target = _target(request.url)
+        self.via = client.proxy_for(self.target.origin)
         body = request.body or b""
-        self.bytes = _request_head(request, self.target, body) + body
+        self.bytes = _request_head(request, self.target, body, self.via) + body
         self.start_time = time.time()
         self.started = time.monotonic()
         self.deadline: asyncio.TimerHandle | None = None
@@ -340,6 +403,47 @@ class _Exchange:
             self.deadline = None
         self.client._retire(self)
         self.callback(response)
+
+
+class _Tunnel(asyncio.Protocol):
+    """The CONNECT exchange with a proxy, before TLS starts on the same socket."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    async def open(self, authority: str, authorization: str | None) -> None:
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if authorization:
+            lines.append(f"Proxy-Authorization: {authorization}")
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin1"))  # type: ignore[union-attr]
+        first = (await self.answer).partition("\r\n")[0]
+        try:
+            code = parse_response_start_line(first).code
+        except HTTPInputError:
+            code = 0
+        if not 200 <= code < 300:
+            raise ConnectionError(f"the proxy refused the tunnel to {authority}: {first[:80]!r}")
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end >= 0 and end + 4 < len(self.buffer):
+            self.answer.set_exception(ConnectionError("the proxy sent bytes after its CONNECT answer"))
+        elif end >= 0:
+            self.answer.set_result(self.buffer[:end].decode("latin1"))
+        elif len(self.buffer) > MAX_HEAD_SIZE:
+            self.answer.set_exception(ConnectionError("the proxy's CONNECT answer is too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(ConnectionError("the proxy closed the connection"))
 
 
 class _Connection(asyncio.Protocol):

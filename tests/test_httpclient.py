@@ -415,3 +415,133 @@ async def test_abort_while_connecting(http, silent_listener):
     with pytest.raises(HTTPTransportError) as failure:
         await fetch
     assert failure.value.kind == HTTPTransportError.ABORTED
+
+
+class ForwardProxy:
+    """An HTTP proxy: CONNECT tunnels, and absolute-URL requests passed on as they are.
+
+    `refuse` answers every CONNECT with it instead. Keeps each request head it read.
+    """
+
+    def __init__(self, refuse: bytes | None = None) -> None:
+        self.refuse = refuse
+        self.heads: list[str] = []
+        self.connections = 0
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.tasks.add(asyncio.current_task())
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin1")
+            self.heads.append(head)
+            method, target, _ = head.split(" ", 2)
+            if method == "CONNECT" and self.refuse:
+                writer.write(self.refuse)
+                return
+            authority = target if method == "CONNECT" else target.split("/")[2]
+            host, port = authority.rsplit(":", 1)
+            upstream_reader, upstream = await asyncio.open_connection(host, int(port))
+            if method == "CONNECT":
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                upstream.write(head.encode("latin1"))
+            await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            if upstream is not None:
+                upstream.transport.abort()
+            writer.transport.abort()
+            self.tasks.discard(asyncio.current_task())
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.transport.abort()
+
+
+async def proxied_client(proxy: ForwardProxy, **proxies: str) -> KeepAliveHTTPClient:
+    """A client whose proxy settings may name the proxy as {proxy} (its URL) or {authority} (host:port)."""
+    url = await proxy.start()
+    settings = {name: value.format(proxy=url, authority=url[len("http://") :]) for name, value in proxies.items()}
+    return KeepAliveHTTPClient(force_instance=True, proxies=settings)
+
+
+@pytest.mark.gen_test
+async def test_https_through_a_connect_tunnel_with_proxy_credentials(io_loop, certificate):
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sock, port = bind_unused_port()
+    server = HTTPServer(tornado.web.Application([("/", Echo)]), ssl_options=context)
+    server.add_sockets([sock])
+    proxy = ForwardProxy()
+    client = await proxied_client(proxy, https="http://user:p%40ss@{authority}")
+    try:
+        for body in (b"1", b"2"):
+            response = await client.fetch(f"https://127.0.0.1:{port}/", method="POST", body=body, ca_certs=cert)
+            assert response.body == b"tls:" + body
+        assert proxy.connections == 1  # the tunnel is kept alive like any connection
+        head = proxy.heads[0]
+        assert head.startswith(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n")
+        assert "Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in head  # user:p@ss
+    finally:
+        client.close()
+        server.stop()
+        await proxy.stop()
+
+
+@pytest.mark.gen_test
+async def test_http_through_a_proxy_sends_the_absolute_url(scripted):
+    proxy = ForwardProxy()
+    client = await proxied_client(proxy, http="{proxy}")
+    try:
+        assert (await client.fetch(scripted.url + "/a?b=1", method="POST", body=b"{}")).body == b"ok"
+        assert proxy.heads[0].startswith(f"POST {scripted.url}/a?b=1 HTTP/1.1\r\n")
+    finally:
+        client.close()
+        await proxy.stop()
+
+
+@pytest.mark.gen_test
+async def test_no_proxy_goes_direct(scripted):
+    proxy = ForwardProxy()
+    client = await proxied_client(proxy, http="{proxy}", no="localhost,127.0.0.1")
+    try:
+        assert (await client.fetch(scripted.url, method="POST", body=b"{}")).body == b"ok"
+        assert proxy.connections == 0 and scripted.connections == 1
+    finally:
+        client.close()
+        await proxy.stop()
+
+
+@pytest.mark.gen_test
+async def test_a_refused_tunnel_is_a_connect_error(io_loop):
+    proxy = ForwardProxy(refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+    client = await proxied_client(proxy, https="{proxy}")
+    try:
+        with pytest.raises(HTTPTransportError, match="407") as failure:
+            await client.fetch(f"https://127.0.0.1:{free_port()}/", method="POST", body=b"{}")
+        assert failure.value.kind == HTTPTransportError.CONNECT
+    finally:
+        client.close()
+        await proxy.stop()
+
+
+def test_only_plain_http_proxies_are_accepted(io_loop):
+    with pytest.raises(ValueError, match="https_proxy: only http:// proxies"):
+        KeepAliveHTTPClient(force_instance=True, proxies={"https": "https://proxy:3128"})
