@@ -14,6 +14,7 @@ from tornado.testing import bind_unused_port
 from tornado.httpclient import HTTPClientError
 
 from gateway.emulator import Fault
+from gateway.httpclient import KeepAliveHTTPClient
 from gateway.sse import EventFramer, event_data, usage_in
 from handlers.base import SECURITY_HEADERS
 
@@ -198,10 +199,8 @@ async def test_bad_input_is_refused_before_the_upstream(start_gateway):
 
 @pytest.mark.gen_test
 async def test_oversized_body_gets_its_413_on_a_connection_that_stays_usable(start_gateway):
-    from tornado.curl_httpclient import CurlAsyncHTTPClient
-
     gateway = start_gateway(MAX_BODY_SIZE="1000")
-    client = CurlAsyncHTTPClient(force_instance=True)
+    client = KeepAliveHTTPClient(force_instance=True)
     try:
         big = await client.fetch(
             gateway.url + "/v1/gpt/chat", method="POST", body=json.dumps({"prompt": "y" * 300_000}),
