@@ -31,32 +31,22 @@ def ok(body: bytes = b"ok", *extra: str) -> Answer:
     return reply(head.encode() + b"\r\n\r\n" + body)
 
 
-class ScriptedServer:
-    """An HTTP/1.1 server whose answers are queued by the test, one per request, in order.
-
-    An answer writes whatever bytes it likes; `close` after it ends the
-    connection. With no answer queued, `ok()` is sent. It counts the
-    connections it accepted and keeps the raw requests it read.
-    """
+class LoopbackServer:
+    """A server on 127.0.0.1 for one test: counts connections, ends every one at `stop`."""
 
     def __init__(self) -> None:
-        self.answers: list[tuple[Answer, bool]] = []
-        self.requests: list[bytes] = []
         self.connections = 0
-        self.closed = asyncio.Event()
-        self.request_seen = asyncio.Event()
+        self.closed = asyncio.Event()  # set when a connection has ended
         self.server: asyncio.Server | None = None
         self.handlers: set[asyncio.Task] = set()
-
-    def queue(self, answer: Answer, *, close: bool = False) -> None:
-        self.answers.append((answer, close))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
-    async def start(self) -> None:
+    async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.url
 
     async def stop(self) -> None:
         self.server.close()
@@ -65,29 +55,53 @@ class ScriptedServer:
             handler.cancel()
         await asyncio.gather(*self.handlers, return_exceptions=True)
 
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.handlers.add(asyncio.current_task())
         try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                request = head + await reader.readexactly(length)
-                self.requests.append(request)
-                self.request_seen.set()
-                answer, close = self.answers.pop(0) if self.answers else (ok(), False)
-                await answer(reader, writer)
-                if close:
-                    break
+            await self.handle(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.transport.abort()
             self.handlers.discard(asyncio.current_task())
             self.closed.set()
+
+
+class ScriptedServer(LoopbackServer):
+    """An HTTP/1.1 server whose answers are queued by the test, one per request, in order.
+
+    An answer writes whatever bytes it likes; `close` after it ends the
+    connection. With no answer queued, `ok()` is sent. It counts the
+    connections it accepted and keeps the raw requests it read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[tuple[Answer, bool]] = []
+        self.requests: list[bytes] = []
+        self.request_seen = asyncio.Event()
+
+    def queue(self, answer: Answer, *, close: bool = False) -> None:
+        self.answers.append((answer, close))
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            request = head + await reader.readexactly(length)
+            self.requests.append(request)
+            self.request_seen.set()
+            answer, close = self.answers.pop(0) if self.answers else (ok(), False)
+            await answer(reader, writer)
+            if close:
+                return
 
 
 @pytest.fixture
@@ -417,32 +431,18 @@ async def test_abort_while_connecting(http, silent_listener):
     assert failure.value.kind == HTTPTransportError.ABORTED
 
 
-class ForwardProxy:
+class ForwardProxy(LoopbackServer):
     """An HTTP proxy: CONNECT tunnels, and absolute-URL requests passed on as they are.
 
     `refuse` answers every CONNECT with it instead. Keeps each request head it read.
     """
 
     def __init__(self, refuse: bytes | None = None) -> None:
+        super().__init__()
         self.refuse = refuse
         self.heads: list[str] = []
-        self.connections = 0
-        self.tasks: set[asyncio.Task] = set()
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.tasks.add(asyncio.current_task())
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: asyncio.StreamWriter | None = None
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin1")
@@ -459,13 +459,9 @@ class ForwardProxy:
             else:
                 upstream.write(head.encode("latin1"))
             await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
         finally:
             if upstream is not None:
                 upstream.transport.abort()
-            writer.transport.abort()
-            self.tasks.discard(asyncio.current_task())
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
