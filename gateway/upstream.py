@@ -110,7 +110,9 @@ class UpstreamClient:
             **callbacks,
         )
 
-    async def _exchange(self, request: HTTPRequest, call: UpstreamCall) -> HTTPResponse | HTTPTransportError | None:
+    async def _exchange(
+        self, request: HTTPRequest, call: UpstreamCall
+    ) -> HTTPResponse | HTTPTransportError | None:
         """Fetch: the response, the transport failure, or None when the call was aborted."""
         if call.abort_reason:
             return None
