@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 
 from .deployments import Deployment, load_deployments, read_yaml
 from .errors import ConfigError
+from .httpclient import parse_proxy_url
 from .keys import CallerKey, keys_from_api_keys, keys_from_yaml
 from .secret import Secret
 
@@ -69,6 +70,8 @@ class Settings:
     quota_on_redis_error: str = "open"
     metrics_key: Secret | None = None
     drain_grace: float = 0.0
+    # "http"/"https" -> proxy URL (it may hold a password), "no" -> NO_PROXY's list.
+    proxies: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _number(low: float, high: float) -> Callable[[str], float]:
@@ -299,6 +302,8 @@ def load_settings(
             if variable not in values:
                 problems.append(f"{variable}: is required when ENABLE_SSL is true")
 
+    proxies = read_proxies(values, problems)
+
     names = [key.name for key in caller_keys]
     problems.extend(
         f"API_KEYS/DEPLOYMENTS_FILE keys: the name {name!r} is used twice"
@@ -312,5 +317,21 @@ def load_settings(
         deployments=deployments,
         caller_keys=tuple(caller_keys),
         parameter_defaults=MappingProxyType(defaults),
+        proxies=MappingProxyType(proxies),
         **server,
     )
+
+
+def read_proxies(values: Mapping[str, str], problems: list[str]) -> dict[str, Secret]:
+    """HTTP_PROXY, HTTPS_PROXY and NO_PROXY as curl reads them (the lower-case name wins)."""
+    proxies: dict[str, Secret] = {}
+    for scheme in ("http", "https", "no"):
+        for variable in (f"{scheme.upper()}_PROXY", f"{scheme}_proxy"):
+            if values.get(variable):
+                proxies[scheme] = Secret(values[variable])
+                if scheme != "no":
+                    try:
+                        parse_proxy_url(values[variable], variable)
+                    except ValueError as error:
+                        problems.append(str(error))
+    return proxies

@@ -26,10 +26,11 @@ need and no more:
   timeouts the caller keeps).
 - TLS with the system's trust store (or `ca_certs`), the host name checked
   unless `validate_cert` is False, and an optional client certificate.
-- Proxies as curl takes them from the environment (`HTTPS_PROXY`,
-  `HTTP_PROXY`, `NO_PROXY`, any case): an https origin through a `CONNECT`
-  tunnel, an http one with absolute request URLs; `http://user:pass@host:port`
-  proxies send Basic `Proxy-Authorization`.
+- Proxies, given as urllib's mapping (`{"https": url, "http": url, "no":
+  "host,..."}`; the gateway's settings read them from HTTPS_PROXY, HTTP_PROXY
+  and NO_PROXY): an https origin through a `CONNECT` tunnel, an http one with
+  absolute request URLs; `http://user:pass@host:port` proxies send Basic
+  `Proxy-Authorization`.
 
 A failure with no HTTP answer is an `HTTPTransportError` (code 599) whose
 `kind` says what happened; `AsyncHTTPClient.fetch` raises it even with
@@ -119,7 +120,7 @@ class _Proxy(NamedTuple):
     authorization: str | None  # the Proxy-Authorization value
 
 
-def _proxy(url: str, variable: str) -> _Proxy:
+def parse_proxy_url(url: str, variable: str) -> _Proxy:
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"{variable}: only http:// proxies are supported (got {parts.scheme}://)")
@@ -162,7 +163,7 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         defaults: dict[str, Any] | None = None,
         proxies: dict[str, str] | None = None,
     ) -> None:
-        """`proxies` maps "http"/"https" (and "no") as urllib does; None reads the environment."""
+        """`proxies`: "http"/"https" -> proxy URL and "no" -> hosts that bypass it, as urllib's."""
         super().initialize(defaults=defaults)
         self.max_clients = max_clients
         self.max_body_size = max_body_size
@@ -174,11 +175,11 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         self._open: set[_Connection] = set()
         self._connecting = 0
         self._tls_contexts: dict[tuple, ssl.SSLContext] = {}
-        self._proxies = urllib.request.getproxies_environment() if proxies is None else proxies
+        self._proxies = dict(proxies or {})
         self._routes: dict[tuple[str, str, int], _Proxy | None] = {}
         for scheme in ("http", "https"):
             if scheme in self._proxies:  # checked now: a bad proxy URL stops the start, not a request
-                _proxy(self._proxies[scheme], f"{scheme}_proxy")
+                parse_proxy_url(self._proxies[scheme], f"{scheme}_proxy")
 
     def close(self) -> None:
         """Fail every request still running or waiting, and close every connection."""
@@ -210,7 +211,7 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
             scheme, host, _ = origin
             url = self._proxies.get(scheme)
             bypass = url is None or urllib.request.proxy_bypass_environment(host, self._proxies)
-            self._routes[origin] = None if bypass else _proxy(url, f"{scheme}_proxy")
+            self._routes[origin] = None if bypass else parse_proxy_url(url, f"{scheme}_proxy")
         return self._routes[origin]
 
     def abort(self, request: HTTPRequest) -> bool:

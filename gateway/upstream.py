@@ -79,6 +79,7 @@ class UpstreamClient:
             force_instance=True,
             max_clients=settings.max_clients,
             max_body_size=MAX_UPSTREAM_BODY,
+            proxies={scheme: url.reveal() for scheme, url in settings.proxies.items()},
         )
 
     def close(self) -> None:

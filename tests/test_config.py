@@ -156,3 +156,27 @@ def test_key_never_appears_in_repr_or_problems(tmp_path):
 
 def test_secret_compares_by_value():
     assert Secret("a") == Secret("a") and Secret("a") != Secret("b")
+
+
+def test_proxies_from_environment_or_file_lower_case_winning(tmp_path):
+    loaded = settings(
+        tmp_path,
+        "HTTPS_PROXY=http://file-proxy:3128\n",
+        https_proxy="http://user:s3cret-pw@proxy:3128",
+        HTTP_PROXY="proxy:8080",
+        NO_PROXY="localhost,.internal",
+        **REQUIRED,
+    )
+    assert {scheme: url.reveal() for scheme, url in loaded.proxies.items()} == {
+        "https": "http://user:s3cret-pw@proxy:3128",
+        "http": "proxy:8080",
+        "no": "localhost,.internal",
+    }
+    assert "s3cret-pw" not in repr(loaded)
+    assert settings(tmp_path, **REQUIRED).proxies == {}
+
+
+def test_a_proxy_that_is_not_plain_http_is_a_config_error(tmp_path):
+    found = problems(tmp_path, HTTPS_PROXY="https://user:s3cret-pw@proxy:3128")
+    assert "HTTPS_PROXY: only http:// proxies are supported (got https://)" in found
+    assert not any("s3cret-pw" in problem for problem in found)
