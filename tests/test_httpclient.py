@@ -38,7 +38,7 @@ class LoopbackServer:
         self.connections = 0
         self.closed = asyncio.Event()  # set when a connection has ended
         self.server: asyncio.Server | None = None
-        self.handlers: set[asyncio.Task] = set()
+        self.handlers: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
     @property
     def url(self) -> str:
@@ -51,8 +51,8 @@ class LoopbackServer:
     async def stop(self) -> None:
         self.server.close()
         await self.server.wait_closed()
-        for handler in self.handlers:
-            handler.cancel()
+        for writer in self.handlers.values():
+            writer.transport.abort()  # each handler then ends on its own
         await asyncio.gather(*self.handlers, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -60,14 +60,14 @@ class LoopbackServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self.handlers.add(asyncio.current_task())
+        self.handlers[asyncio.current_task()] = writer
         try:
             await self.handle(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.transport.abort()
-            self.handlers.discard(asyncio.current_task())
+            del self.handlers[asyncio.current_task()]
             self.closed.set()
 
 
@@ -432,7 +432,7 @@ async def test_abort_while_connecting(http, silent_listener):
 
 
 class ForwardProxy(LoopbackServer):
-    """An HTTP proxy: CONNECT tunnels, and absolute-URL requests passed on as they are.
+    """An HTTP proxy: CONNECT tunnels, and absolute-URL requests passed on to their origin.
 
     `refuse` answers every CONNECT with it instead. Keeps each request head it read.
     """
@@ -456,8 +456,8 @@ class ForwardProxy(LoopbackServer):
             upstream_reader, upstream = await asyncio.open_connection(host, int(port))
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:
-                upstream.write(head.encode("latin1"))
+            else:  # on to the origin with its own form of the request line
+                upstream.write(head.replace(f"http://{authority}", "", 1).encode("latin1"))
             await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer))
         finally:
             if upstream is not None:
@@ -541,3 +541,17 @@ async def test_a_refused_tunnel_is_a_connect_error(io_loop):
 def test_only_plain_http_proxies_are_accepted(io_loop):
     with pytest.raises(ValueError, match="https_proxy: only http:// proxies"):
         KeepAliveHTTPClient(force_instance=True, proxies={"https": "https://proxy:3128"})
+
+
+@pytest.mark.gen_test
+async def test_the_gateway_reaches_azure_through_its_configured_proxy(start_gateway):
+    proxy = ForwardProxy()
+    url = await proxy.start()
+    try:
+        gateway = start_gateway(HTTP_PROXY=url)
+        response = await gateway.post("/v1/gpt/chat", {"prompt": "hi"})
+        assert response.code == 200
+        assert len(proxy.heads) == 1
+        assert proxy.heads[0].startswith(f"POST {gateway.emulator.url.rstrip('/')}/openai/deployments/")
+    finally:
+        await proxy.stop()
