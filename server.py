@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
 import signal
 import ssl
 import sys
+from types import MappingProxyType
 from typing import Mapping
 
 import uvloop
@@ -224,7 +226,8 @@ async def start_emulator_settings(environ: Mapping[str, str]) -> tuple[AzureEmul
             "KEY": key,
         },
     )
-    return emulator, settings
+    # The built-in emulator is on this machine: never reached through a proxy.
+    return emulator, dataclasses.replace(settings, proxies=MappingProxyType({}))
 
 
 async def serve(args: argparse.Namespace) -> int:

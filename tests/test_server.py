@@ -25,9 +25,11 @@ def test_incomplete_settings_exit_2_naming_each_problem(tmp_path, spawn):
     assert secret not in output
 
 
-def test_emulator_mode_says_so_and_answers(tmp_path, spawn):
+def test_emulator_mode_says_so_and_answers_even_with_a_proxy_set(tmp_path, spawn):
     port = free_port()
-    server = spawn(server_env(tmp_path, HTTP_PORT=str(port)), "--emulator")
+    # Nothing listens at the proxy's address: the emulator must be reached directly.
+    proxy = f"http://127.0.0.1:{free_port()}"
+    server = spawn(server_env(tmp_path, HTTP_PORT=str(port), HTTP_PROXY=proxy), "--emulator")
     server.wait_for(r"listening on http://")
     assert "EMULATOR MODE: answers are synthetic" in server.output
     request = urllib.request.Request(
