@@ -76,9 +76,12 @@ def bundle(schema_id: str, registry: Registry) -> dict[str, Any]:
 
 def discriminated_union(node: dict[str, Any]) -> tuple[str, dict[Any, dict[str, Any]]] | None:
     """(key, {value: schema}) when `node`'s allOf is only `if key == value then schema` entries."""
+    entries = node.get("allOf")
+    if not entries:
+        return None
     branches: dict[Any, dict[str, Any]] = {}
     keys = set()
-    for entry in node.get("allOf") or [None]:
+    for entry in entries:
         if not isinstance(entry, dict) or set(entry) != {"if", "then"}:
             return None
         condition = entry["if"]

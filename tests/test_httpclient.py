@@ -378,25 +378,29 @@ class Echo(tornado.web.RequestHandler):
         self.write(b"tls:" + self.request.body)
 
 
-@pytest.mark.gen_test
-async def test_tls_with_a_trusted_certificate_and_keep_alive(io_loop, http, certificate):
+@pytest.fixture
+def tls_echo(io_loop: Any, certificate: tuple[str, str]) -> Any:
+    """An HTTPS server on 127.0.0.1 answering POST / with "tls:" + the body: (its URL, its certificate)."""
     cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     sock, port = bind_unused_port()
     server = HTTPServer(tornado.web.Application([("/", Echo)]), ssl_options=context)
     server.add_sockets([sock])
-    try:
-        url = f"https://127.0.0.1:{port}/"
-        with pytest.raises(HTTPTransportError) as failure:
-            await http.fetch(url, method="POST", body=b"1")
-        assert failure.value.kind == HTTPTransportError.CONNECT
-        for body in (b"1", b"2"):
-            response = await http.fetch(url, method="POST", body=body, ca_certs=cert)
-            assert response.body == b"tls:" + body
-        assert http.open_connections == 1
-    finally:
-        server.stop()
+    yield f"https://127.0.0.1:{port}/", cert
+    server.stop()
+
+
+@pytest.mark.gen_test
+async def test_tls_with_a_trusted_certificate_and_keep_alive(http, tls_echo):
+    url, cert = tls_echo
+    with pytest.raises(HTTPTransportError) as failure:
+        await http.fetch(url, method="POST", body=b"1")
+    assert failure.value.kind == HTTPTransportError.CONNECT
+    for body in (b"1", b"2"):
+        response = await http.fetch(url, method="POST", body=body, ca_certs=cert)
+        assert response.body == b"tls:" + body
+    assert http.open_connections == 1
 
 
 @pytest.fixture
@@ -478,26 +482,20 @@ async def proxied_client(proxy: ForwardProxy, **proxies: str) -> KeepAliveHTTPCl
 
 
 @pytest.mark.gen_test
-async def test_https_through_a_connect_tunnel_with_proxy_credentials(io_loop, certificate):
-    cert, key = certificate
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    sock, port = bind_unused_port()
-    server = HTTPServer(tornado.web.Application([("/", Echo)]), ssl_options=context)
-    server.add_sockets([sock])
+async def test_https_through_a_connect_tunnel_with_proxy_credentials(tls_echo):
+    url, cert = tls_echo
     proxy = ForwardProxy()
     client = await proxied_client(proxy, https="http://user:p%40ss@{authority}")
     try:
         for body in (b"1", b"2"):
-            response = await client.fetch(f"https://127.0.0.1:{port}/", method="POST", body=body, ca_certs=cert)
+            response = await client.fetch(url, method="POST", body=body, ca_certs=cert)
             assert response.body == b"tls:" + body
         assert proxy.connections == 1  # the tunnel is kept alive like any connection
         head = proxy.heads[0]
-        assert head.startswith(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n")
+        assert head.startswith(f"CONNECT {url[len('https://'):-1]} HTTP/1.1\r\n")
         assert "Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in head  # user:p@ss
     finally:
         client.close()
-        server.stop()
         await proxy.stop()
 
 
