@@ -28,7 +28,7 @@ from gateway.accesslog import ACCESS_LOG, default_format
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
 from gateway.context import GatewayContext
-from gateway.emulator import AzureEmulator
+from emulator import AzureEmulator
 from gateway.keys import KeyRing
 from gateway.metrics import MULTIPROC_DIR_VARIABLE, Metrics, forget_dead_processes
 from gateway.quota import MemoryQuota, RedisQuota

@@ -4,7 +4,7 @@
 
 A bare asyncio protocol (uvloop's loop when it is installed) that answers
 POST .../chat/completions with bytes made once, at start-up, by
-`gateway.emulator` itself, for a prompt of 18 words: a `chat.completion` JSON
+`emulator` itself, for a prompt of 18 words: a `chat.completion` JSON
 of the emulator's shape, or the emulator's event stream with 20 content events
 (23 `data:` events in all with the prompt-filter event, the role event and the
 finish event, a usage event when the body asks for `include_usage`, then
@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.emulator import (  # noqa: E402  (needs ROOT on sys.path)
+from emulator.azure import (  # noqa: E402  (needs ROOT on sys.path)
     completion_body,
     plan_choices,
     stream_payloads,

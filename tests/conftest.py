@@ -19,7 +19,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from gateway.config import Settings, load_settings
-from gateway.emulator import AzureEmulator
+from emulator import AzureEmulator
 from server import GatewayServer, make_app
 
 ROOT = Path(__file__).resolve().parent.parent

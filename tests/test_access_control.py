@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 import gateway.quota as quota_module
-from gateway.emulator import AzureEmulator, words
+from emulator import AzureEmulator, words
 from gateway.sse import EventFramer, event_data
 
 from .conftest import (

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from gateway.accesslog import format_line
-from gateway.emulator import Fault
+from emulator import Fault
 
 from .conftest import EMULATOR_KEY
 

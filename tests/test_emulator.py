@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 
-from gateway.emulator import AzureEmulator, Fault
+from emulator import AzureEmulator, Fault
 from gateway.httpclient import KeepAliveHTTPClient
 
 KEY = "test-emulator-key"

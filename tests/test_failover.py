@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import load_settings
 from gateway.errors import ConfigError
-from gateway.emulator import AzureEmulator, Fault
+from emulator import AzureEmulator, Fault
 
 from .conftest import API_VERSION, EMULATOR_KEY
 

@@ -13,7 +13,7 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.httpclient import HTTPClientError
 
-from gateway.emulator import Fault
+from emulator import Fault
 from gateway.httpclient import KeepAliveHTTPClient
 from gateway.sse import EventFramer, event_data, usage_in
 from handlers.base import SECURITY_HEADERS

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from gateway.emulator import Fault
+from emulator import Fault
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY
 

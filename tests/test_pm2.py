@@ -50,7 +50,7 @@ LOAD_DEADLINE = 50.0  # seconds from the start of the load: no worker goes on pa
 # The emulator both instances use, on a port of its own; prints its URL, stops on SIGTERM.
 EMULATOR = """
 import asyncio, signal, sys
-from gateway.emulator import AzureEmulator
+from emulator import AzureEmulator
 
 async def main(key, deployment):
     emulator = AzureEmulator(key=key, deployments=(deployment,))
