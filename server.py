@@ -24,16 +24,16 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, GZipContentEncoding
 
-from gateway.accesslog import ACCESS_LOG, default_format
+from gateway.ops.accesslog import ACCESS_LOG, default_format
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
 from gateway.context import GatewayContext
 from emulator import AzureEmulator
-from gateway.keys import KeyRing
-from gateway.metrics import MULTIPROC_DIR_VARIABLE, Metrics, forget_dead_processes
-from gateway.quota import MemoryQuota, RedisQuota
-from gateway.routing import DeploymentPool, Failover
-from gateway.upstream import UpstreamClient
+from gateway.policy.keys import KeyRing
+from gateway.ops.metrics import MULTIPROC_DIR_VARIABLE, Metrics, forget_dead_processes
+from gateway.policy.quota import MemoryQuota, RedisQuota
+from gateway.policy.failover import DeploymentPool, Failover
+from gateway.upstream.client import UpstreamClient
 from gateway.validation import BodyValidator, load_registry
 from handlers.base import NotFoundHandler
 from handlers.chat import GptChatHandler

@@ -17,11 +17,11 @@ from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
 
-from .deployments import Deployment, load_deployments, read_yaml
-from .errors import ConfigError
-from .httpclient import parse_proxy_url
-from .keys import CallerKey, keys_from_api_keys, keys_from_yaml
-from .secret import Secret
+from gateway.policy.deployments import Deployment, load_deployments, read_yaml
+from gateway.errors import ConfigError
+from gateway.upstream.httpclient import parse_proxy_url
+from gateway.policy.keys import CallerKey, keys_from_api_keys, keys_from_yaml
+from gateway.secret import Secret
 
 DEFAULT_ENV_FILE = ".env"
 DEFAULT_HOST = "0.0.0.0"

@@ -6,15 +6,15 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .accesslog import write_access_log
-from .config import Settings
-from .deployments import Deployment
-from .keys import KeyRing
-from .metrics import Metrics
-from .quota import QuotaStore
-from .routing import DeploymentPool, Failover
-from .upstream import UpstreamClient
-from .validation import BodyValidator
+from gateway.ops.accesslog import write_access_log
+from gateway.config import Settings
+from gateway.policy.deployments import Deployment
+from gateway.policy.keys import KeyRing
+from gateway.ops.metrics import Metrics
+from gateway.policy.quota import QuotaStore
+from gateway.policy.failover import DeploymentPool, Failover
+from gateway.upstream.client import UpstreamClient
+from gateway.validation import BodyValidator
 
 
 class InFlight:

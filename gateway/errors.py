@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any, Mapping
 
-from .httpclient import HTTPTransportError
+from gateway.upstream.httpclient import HTTPTransportError
 
 
 # Upstream statuses that another attempt (another deployment, or later) may fix.

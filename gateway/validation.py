@@ -30,7 +30,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 
-from .errors import GatewayError
+from gateway.errors import GatewayError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 _MAX_SHOWN_VALUE = 60

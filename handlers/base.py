@@ -7,7 +7,7 @@ from typing import Any
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from gateway.accesslog import timestamp
+from gateway.ops.accesslog import timestamp
 from gateway.context import GatewayContext
 from gateway.errors import GatewayError, render_envelope
 

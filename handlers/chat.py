@@ -10,18 +10,18 @@ from typing import Any, Mapping
 
 from tornado.httputil import HTTPHeaders
 
-from gateway.chat import (
+from gateway.gpt_chat import (
     build_gpt_chat_body,
     caller_wants_stream_usage,
     supports_stream_usage,
     with_stream_usage,
 )
-from gateway.deployments import Deployment
+from gateway.policy.deployments import Deployment
 from gateway.errors import GatewayError, render_envelope
-from gateway.keys import CallerKey
-from gateway.quota import ANONYMOUS
-from gateway.sse import encode_event, usage_in
-from gateway.upstream import UpstreamCall, UpstreamResponse
+from gateway.policy.keys import CallerKey
+from gateway.policy.quota import ANONYMOUS
+from gateway.upstream.sse import encode_event, usage_in
+from gateway.upstream.client import UpstreamCall, UpstreamResponse
 
 from .base import JsonBodyHandler
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import GatewayError, render_openai_error
-from gateway.upstream import UpstreamResponse
+from gateway.upstream.client import UpstreamResponse
 
 from .base import BaseHandler
 from .chat import ChatProxyHandler

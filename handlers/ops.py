@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 
 from gateway.errors import GatewayError
-from gateway.keys import presented_key
+from gateway.policy.keys import presented_key
 
 from .base import BaseHandler
 

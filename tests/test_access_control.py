@@ -21,9 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-import gateway.quota as quota_module
+import gateway.policy.quota as quota_module
 from emulator import AzureEmulator, words
-from gateway.sse import EventFramer, event_data
+from gateway.upstream.sse import EventFramer, event_data
 
 from .conftest import (
     API_VERSION,

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from gateway.accesslog import format_line
+from gateway.ops.accesslog import format_line
 from emulator import Fault
 
 from .conftest import EMULATOR_KEY

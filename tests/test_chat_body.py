@@ -2,7 +2,7 @@
 
 import pytest
 
-from gateway.chat import build_gpt_chat_body
+from gateway.gpt_chat import build_gpt_chat_body
 from gateway.errors import GatewayError
 
 

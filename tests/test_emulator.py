@@ -11,7 +11,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 
 from emulator import AzureEmulator, Fault
-from gateway.httpclient import KeepAliveHTTPClient
+from gateway.upstream.httpclient import KeepAliveHTTPClient
 
 KEY = "test-emulator-key"
 VERSION = "2024-10-21"

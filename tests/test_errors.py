@@ -10,7 +10,7 @@ from gateway.errors import (
     render_openai_error,
     retry_after_seconds,
 )
-from gateway.httpclient import HTTPTransportError
+from gateway.upstream.httpclient import HTTPTransportError
 
 CONTENT_FILTER = {
     "error": {

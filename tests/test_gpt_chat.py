@@ -14,8 +14,8 @@ from tornado.testing import bind_unused_port
 from tornado.httpclient import HTTPClientError
 
 from emulator import Fault
-from gateway.httpclient import KeepAliveHTTPClient
-from gateway.sse import EventFramer, event_data, usage_in
+from gateway.upstream.httpclient import KeepAliveHTTPClient
+from gateway.upstream.sse import EventFramer, event_data, usage_in
 from handlers.base import SECURITY_HEADERS
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY, free_port

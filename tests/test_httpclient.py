@@ -11,7 +11,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from gateway.httpclient import HTTPTransportError, KeepAliveHTTPClient
+from gateway.upstream.httpclient import HTTPTransportError, KeepAliveHTTPClient
 
 from .conftest import free_port
 

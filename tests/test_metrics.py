@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import (
+from gateway.ops.metrics import (
     MULTIPROC_DIR_VARIABLE,
     Metrics,
     forget_dead_processes,
@@ -130,7 +130,7 @@ def test_each_registry_gets_its_own_series(single_process):
 INSTANCE = """
 import sys
 from prometheus_client import CollectorRegistry
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 
 n = int(sys.argv[1])
 metrics = Metrics(CollectorRegistry())

@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 
 from gateway.secret import Secret
 from gateway.errors import GatewayError
-from gateway.keys import CallerKey
-from gateway.quota import (
+from gateway.policy.keys import CallerKey
+from gateway.policy.quota import (
     ANONYMOUS,
     COUNTER_TTL_SECONDS,
     MemoryQuota,

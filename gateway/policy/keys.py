@@ -21,10 +21,10 @@ from typing import Any
 from jsonschema.exceptions import ValidationError
 from tornado.httputil import HTTPHeaders
 
-from .deployments import entry_label, expand_variables
-from .errors import ConfigError, GatewayError
-from .secret import Secret
-from .validation import compile_validator, load_registry
+from gateway.policy.deployments import entry_label, expand_variables
+from gateway.errors import ConfigError, GatewayError
+from gateway.secret import Secret
+from gateway.validation import compile_validator, load_registry
 
 KEYS_SCHEMA_ID = "keys.schema.json"
 FINGERPRINT_LENGTH = 12

@@ -19,8 +19,8 @@ import random
 import time
 from typing import Awaitable, Callable, Iterable, TypeVar
 
-from .deployments import Deployment
-from .errors import GatewayError
+from gateway.policy.deployments import Deployment
+from gateway.errors import GatewayError
 
 T = TypeVar("T")
 

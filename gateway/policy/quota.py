@@ -47,8 +47,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .errors import GatewayError
-from .keys import CallerKey
+from gateway.errors import GatewayError
+from gateway.policy.keys import CallerKey
 
 log = logging.getLogger("azure-gpt-api.quota")
 

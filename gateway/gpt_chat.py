@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .config import PARAMETER_CASTS
-from .errors import GatewayError
+from gateway.config import PARAMETER_CASTS
+from gateway.errors import GatewayError
 
 PROMPT_FIELDS = ("prompt", "userPrompt", "systemPrompt", "assistantPrompt")
 # Azure features the original did not have: sent as given, with no server default.

@@ -13,9 +13,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
-from .secret import Secret
-from .validation import compile_validator, describe, field_path, load_registry
+from gateway.errors import ConfigError
+from gateway.secret import Secret
+from gateway.validation import compile_validator, describe, field_path, load_registry
 
 SOURCE = "DEPLOYMENTS_FILE"
 

@@ -18,11 +18,11 @@ from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders, parse_response_start_line
 from tornado.ioloop import IOLoop
 
-from .config import Settings
-from .deployments import Deployment
-from .errors import GatewayError, map_transport_error, map_upstream_status
-from .httpclient import HTTPTransportError, KeepAliveHTTPClient, parse_header_lines
-from .sse import EventFramer, is_done
+from gateway.config import Settings
+from gateway.policy.deployments import Deployment
+from gateway.errors import GatewayError, map_transport_error, map_upstream_status
+from gateway.upstream.httpclient import HTTPTransportError, KeepAliveHTTPClient, parse_header_lines
+from gateway.upstream.sse import EventFramer, is_done
 
 USER_AGENT = "azure-gpt-api"
 # Enough for any chat completion; it only guards against a runaway upstream.

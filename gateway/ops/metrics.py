@@ -18,7 +18,7 @@ of them. To enable it:
    instance itself (each would delete the others' files): call
    `prepare_multiprocess_dir(path)` from the start script, just before
    `pm2 start ecosystem.config.js`, e.g.
-   `python -m gateway.metrics prepare "$PROMETHEUS_MULTIPROC_DIR"`.
+   `python -m gateway.ops.metrics prepare "$PROMETHEUS_MULTIPROC_DIR"`.
    Not before `pm2 reload`: the running instances' counts would be lost.
 3. Optionally, at each instance's start, call `forget_dead_processes(path)`
    so the in-flight gauge of an instance that crashed stops counting.
@@ -231,9 +231,9 @@ def _process_exists(pid: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m gateway.metrics prepare DIR`: empty DIR before the instances start."""
+    """`python -m gateway.ops.metrics prepare DIR`: empty DIR before the instances start."""
     if len(argv) != 2 or argv[0] != "prepare" or not argv[1]:
-        print("usage: python -m gateway.metrics prepare DIR", file=sys.stderr)
+        print("usage: python -m gateway.ops.metrics prepare DIR", file=sys.stderr)
         return 2
     prepare_multiprocess_dir(argv[1])
     return 0
