@@ -1,8 +1,13 @@
-"""Failures the gateway expects, and the one table that maps upstream ones.
+"""Failures the gateway expects, and the one place that maps upstream ones.
 
-Handlers raise `GatewayError`; `render_envelope` (the original API's
+Everything raises `GatewayError`; `render_envelope` (the original API's
 `{"success": 0, ...}` shape) and `render_openai_error` (OpenAI's and Azure's
-`{"error": {...}}` shape) turn it into a body in exactly one place each.
+`{"error": {...}}` shape) turn it into a body; an API face (gateway/faces.py)
+says which of the two its callers get.
+
+`map_upstream_status` (a non-200 answer), `map_transport_error` (no answer)
+and `stream_failure` (a stream that timed out or broke) are the whole table
+of what Azure's failures become.
 
 Upstream answers keep their meaning: a 400 (content filter included) stays a
 400 with Azure's error object, a 429 stays a 429 with a Retry-After the caller
@@ -49,6 +54,7 @@ class GatewayError(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
         upstream_headers: Mapping[str, str] | None = None,
+        summary: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -66,6 +72,8 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         # Azure's response headers, for the request-id headers the caller gets.
         self.upstream_headers = upstream_headers
+        # The envelope's top-level `message`, where it must differ from the error's own.
+        self.summary = summary if summary is not None else message
 
     def error_object(self) -> dict[str, Any]:
         """The `error` member: Azure's own object when the failure is Azure's, else ours."""
@@ -94,7 +102,7 @@ def _default_type(status: int) -> str:
 
 def render_envelope(error: GatewayError) -> dict[str, Any]:
     """The original API's error body."""
-    return {"success": 0, "message": error.message, "error": error.error_object()}
+    return {"success": 0, "message": error.summary, "error": error.error_object()}
 
 
 def render_openai_error(error: GatewayError) -> dict[str, Any]:
@@ -207,4 +215,58 @@ def map_transport_error(error: HTTPTransportError) -> GatewayError:
         "upstream_unreachable",
         f"Could not reach Azure OpenAI ({error.message}).",
         retryable=True,
+    )
+
+
+def invalid_success_body(headers: Mapping[str, str]) -> GatewayError:
+    """Azure said 200 but sent something that is not a JSON object."""
+    return GatewayError(
+        502,
+        "upstream_invalid_response",
+        "Azure OpenAI answered 200 with a body that is not a JSON object.",
+        upstream_status=200,
+        upstream_headers=headers,
+    )
+
+
+def stream_failure(
+    reason: str,
+    *,
+    started: bool,
+    first_byte_timeout: float,
+    idle_timeout: float,
+    transport_error: HTTPTransportError | None = None,
+) -> GatewayError:
+    """What a stream that did not end with [DONE] becomes.
+
+    `reason`: "first_byte_timeout", "idle", "cut" (the connection failed:
+    `transport_error`) or "unfinished" (Azure closed it before [DONE]).
+    `started`: events already reached the caller, so the error can only be
+    the stream's last event, and no other deployment may be tried.
+    """
+    if reason == "first_byte_timeout":
+        return GatewayError(
+            504,
+            "upstream_timeout",
+            f"Azure OpenAI sent no response headers within {first_byte_timeout:g} s.",
+            retryable=True,
+        )
+    if reason == "idle":
+        return GatewayError(
+            504,
+            "stream_idle_timeout",
+            f"Azure OpenAI sent nothing for {idle_timeout:g} s; the stream was closed.",
+        )
+    if reason == "cut" and transport_error is not None:
+        if not started:
+            return map_transport_error(transport_error)
+        return GatewayError(
+            502,
+            "stream_interrupted",
+            f"The stream from Azure OpenAI was cut ({transport_error.message}).",
+        )
+    return GatewayError(
+        502,
+        "stream_interrupted",
+        "Azure OpenAI ended the stream before its final [DONE] event.",
     )

@@ -1,15 +1,19 @@
-"""What every route shares: security headers, CORS, JSON bodies and the error shape."""
+"""What every route shares: security headers, CORS, the request body and error answers."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from tornado.httputil import responses
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from gateway.encoding import compact_json
+from gateway.errors import GatewayError
+from gateway.faces import GPT_CHAT, Face
 from gateway.ops.accesslog import timestamp
-from gateway.context import GatewayContext
-from gateway.errors import GatewayError, render_envelope
+from gateway.pipeline import Pipeline
+
+from .listeners import request_start_time, set_constant_headers
 
 # What the original's helmet() set that still means something for a JSON API.
 SECURITY_HEADERS = {
@@ -24,40 +28,42 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
 }
 HSTS = "max-age=15552000; includeSubDomains"
-# Every response's constant headers, in the order they are sent. Written
-# straight into the response's HTTPHeaders: set_header's per-value check is
-# for values that come from outside, these are fixed here.
+# Every response's constant headers, in the order they are sent.
 DEFAULT_HEADERS = tuple(SECURITY_HEADERS.items())
 DEFAULT_HEADERS_HTTPS = (*DEFAULT_HEADERS, ("Strict-Transport-Security", HSTS))
 CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 
 
 class BaseHandler(RequestHandler):
-    """Headers and the error body for the original API's `{"success": ...}` family."""
+    """Headers, and error answers in the shape of the handler's face.
+
+    `write_error` is the one place an error response is written; the body
+    comes from the face (the original API's `{"success": 0, ...}` unless the
+    route belongs to another family).
+    """
 
     # The route's name in the access log and metrics.
     route = "other"
+    face: Face = GPT_CHAT
 
     @property
-    def context(self) -> GatewayContext:
+    def pipeline(self) -> Pipeline:
         # From the application, not initialize(): set_default_headers needs it
         # and Tornado calls that before initialize().
-        return self.application.settings["context"]
+        return self.application.settings["pipeline"]
 
     def set_default_headers(self) -> None:
         # Tornado's clear() calls this for every response, and again when
         # send_error starts an error response over, so errors carry them too.
         self.clear_header("Server")
-        headers = self._headers
         https = self.request.protocol == "https"
-        for name, value in DEFAULT_HEADERS_HTTPS if https else DEFAULT_HEADERS:
-            headers[name] = value
+        set_constant_headers(self, DEFAULT_HEADERS_HTTPS if https else DEFAULT_HEADERS)
         self._set_cors_headers()
 
     def _set_cors_headers(self) -> None:
-        origins = self.context.settings.cors_origins
+        origins = self.pipeline.settings.cors_origins
         if "*" in origins:
-            self._headers["Access-Control-Allow-Origin"] = "*"
+            set_constant_headers(self, (("Access-Control-Allow-Origin", "*"),))
             return
         origin = self.request.headers.get("Origin")
         if origin in origins:
@@ -76,7 +82,7 @@ class BaseHandler(RequestHandler):
 
     def write_json(self, payload: Any) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps(payload, separators=(",", ":")))
+        self.finish(compact_json(payload))
 
     def gateway_error(self, exc_info: Any) -> GatewayError:
         """The GatewayError behind a failure, whatever raised it."""
@@ -90,25 +96,29 @@ class BaseHandler(RequestHandler):
                 f"Method {self.request.method} is not allowed on {self.request.path}.",
             )
         if isinstance(error, HTTPError) and error.status_code < 500:
-            return GatewayError(error.status_code, "bad_request", error.log_message or self._reason)
+            return GatewayError(
+                error.status_code,
+                "bad_request",
+                error.log_message or error.reason or responses.get(error.status_code, "Bad Request"),
+            )
         return GatewayError(500, "internal_error", "The gateway failed unexpectedly.")
 
-    def render_error(self, error: GatewayError) -> dict[str, Any]:
-        return render_envelope(error)
+    def answer_headers(self) -> dict[str, str]:
+        """Headers an error answer keeps from the request's life so far (none here)."""
+        return {}
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """The one place an error response body is shaped."""
         error = self.gateway_error(kwargs.get("exc_info"))
         self.set_status(error.status)
-        for name, value in error.headers.items():
+        for name, value in (*self.answer_headers().items(), *error.headers.items()):
             self.set_header(name, value)
-        self.write_json(self.render_error(error))
+        self.write_json(self.face.render_error(error))
 
     def access_record(self) -> dict[str, Any]:
         """What the access log line says about this request."""
         return {
-            "time": timestamp(self.request._start_time),
-            "request_id": self._headers.get("x-request-id"),
+            "time": timestamp(request_start_time(self.request)),
+            "request_id": None,
             "method": self.request.method,
             "route": self.route,
             "path": self.request.path,
@@ -124,19 +134,24 @@ class BaseHandler(RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    """Every path no route claims."""
+    """Every path no route claims: the original's answer, naming what was asked for."""
 
     route = "not_found"
 
     def prepare(self) -> None:
         if self.request.method == "OPTIONS":
             return
-        raise GatewayError(404, "not_found", "API Not found.")
+        raise GatewayError(
+            404,
+            "not_found",
+            f"No route for {self.request.method} {self.request.path}",
+            summary="API Not found.",
+        )
 
 
 @stream_request_body
-class JsonBodyHandler(BaseHandler):
-    """Reads a JSON body itself, so an oversized one gets a 413 answer, not a dropped connection.
+class BodyReadingHandler(BaseHandler):
+    """Reads the body itself, so an oversized one gets a 413 answer, not a dropped connection.
 
     An oversized body is still read to its end (and dropped): answering
     before that would make Tornado close a socket with unread data, which
@@ -149,34 +164,10 @@ class JsonBodyHandler(BaseHandler):
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
-        if self._received <= self.context.settings.max_body_size:
+        if self._received <= self.pipeline.settings.max_body_size:
             self._chunks.append(chunk)
         else:
             self._chunks.clear()
 
-    def json_body(self) -> dict[str, Any]:
-        """The body as a JSON object, or a 4xx naming what is wrong with it."""
-        limit = self.context.settings.max_body_size
-        if self._received > limit:
-            raise GatewayError(
-                413, "body_too_large", f"The request body exceeds the limit of {limit} bytes."
-            )
-        content_type = self.request.headers.get("Content-Type", "application/json")
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise GatewayError(
-                415,
-                "unsupported_media_type",
-                f"Content-Type {media_type or '(empty)'} is not supported; "
-                "send the body as application/json.",
-            )
-        self.raw_body = b"".join(self._chunks)
-        try:
-            body = json.loads(self.raw_body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise GatewayError(
-                400, "invalid_json", f"The request body is not valid JSON ({error})."
-            ) from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
-        return body
+    def body(self) -> bytes:
+        return self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)

@@ -26,7 +26,7 @@ class ReadyHandler(BaseHandler):
     route = "readyz"
 
     def get(self) -> None:
-        if self.context.in_flight.draining:
+        if self.pipeline.in_flight.draining:
             self.set_status(503)
             self.write_json({"status": "draining"})
         else:
@@ -39,7 +39,7 @@ class MetricsHandler(BaseHandler):
     route = "metrics"
 
     def get(self) -> None:
-        required = self.context.settings.metrics_key
+        required = self.pipeline.settings.metrics_key
         if required is not None:
             presented = presented_key(self.request.headers) or ""
             if not hmac.compare_digest(presented.encode(), required.reveal().encode()):
@@ -49,7 +49,7 @@ class MetricsHandler(BaseHandler):
                     "The metrics need METRICS_KEY in the api-key header or as a Bearer token.",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        body, content_type = self.context.metrics.render()
+        body, content_type = self.pipeline.metrics.render()
         self.set_header("Content-Type", content_type)
         self.finish(body)
 
@@ -63,9 +63,9 @@ class UsageHandler(BaseHandler):
     route = "usage"
 
     async def get(self) -> None:
-        caller = self.context.keyring.authenticate(self.request.headers)
+        caller = self.pipeline.keyring.authenticate(self.request.headers)
         if caller is not None and not caller.admin:
             raise GatewayError(
                 403, "admin_required", f"The key {caller.name!r} is not an admin key."
             )
-        self.write_json(await self.context.quota.usage_report())
+        self.write_json(await self.pipeline.quota.usage_report())

@@ -20,7 +20,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from gateway.config import Settings, load_settings
 from emulator import AzureEmulator
-from server import GatewayServer, make_app
+from handlers.app import make_app
+from handlers.listeners import GatewayServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_KEY = "emulator-secret-key-3f9a7c"
@@ -107,9 +108,10 @@ def start_gateway(io_loop: Any, emulator: AzureEmulator, settings_for: Callable[
     started: list[GatewayServer] = []
     client = AsyncHTTPClient(force_instance=True)
 
-    def start(**env: str) -> RunningGateway:
+    def start(clock: Callable[[], float] | None = None, **env: str) -> RunningGateway:
         settings = settings_for(**env)
-        server = GatewayServer(make_app(settings), settings)
+        app = make_app(settings) if clock is None else make_app(settings, clock=clock)
+        server = GatewayServer(app, settings)
         server.start()
         started.append(server)
         return RunningGateway(server, emulator, client)

@@ -3,7 +3,7 @@
 Every request goes over a real socket to a real gateway (in this process, or
 `server.py` in a child process) and from there to the emulator, which counts
 one token per word. Quota windows are wall-clock minutes: tests of the
-in-process store pin the quota module's clock (`quota_clock`) instead of
+in-process store pin the gateway's quota clock (`quota_clock`) instead of
 waiting for a minute to pass.
 """
 
@@ -21,7 +21,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-import gateway.policy.quota as quota_module
 from emulator import AzureEmulator, words
 from gateway.upstream.sse import EventFramer, event_data
 
@@ -144,35 +143,39 @@ def assert_openai_error(response: HTTPResponse, status: int, code: str) -> dict[
 
 
 class QuotaClock:
-    """Stands in for the `time` module inside gateway.quota, with a wall clock we set."""
+    """The wall clock the gateway's quota store reads, set by the test."""
 
     def __init__(self, now: float) -> None:
         self.now = now
 
-    def time(self) -> float:
+    def __call__(self) -> float:
         return self.now
-
-    @staticmethod
-    def monotonic() -> float:
-        return time.monotonic()
 
 
 @pytest.fixture
-def quota_clock(monkeypatch: pytest.MonkeyPatch) -> QuotaClock:
-    clock = QuotaClock(T0 + 10)
-    monkeypatch.setattr(quota_module, "time", clock)
-    return clock
+def quota_clock() -> QuotaClock:
+    """Pins the quota windows' clock of the gateways `start_keyed_gateway` starts."""
+    return QuotaClock(T0 + 10)
 
 
 @pytest.fixture
 def start_keyed_gateway(
-    io_loop: Any, tmp_path: Path, emulator: AzureEmulator, start_gateway: Callable[..., RunningGateway]
+    request: pytest.FixtureRequest,
+    io_loop: Any,
+    tmp_path: Path,
+    emulator: AzureEmulator,
+    start_gateway: Callable[..., RunningGateway],
 ):
-    """A gateway with KEY_ENTRIES (or `keys`) and both deployments; its quota store is closed after."""
+    """A gateway with KEY_ENTRIES (or `keys`) and both deployments; its quota store is closed after.
+
+    With the `quota_clock` fixture, its quota windows follow that clock.
+    """
     started: list[RunningGateway] = []
+    clock = request.getfixturevalue("quota_clock") if "quota_clock" in request.fixturenames else None
 
     def start(keys: list[dict[str, Any]] | None = None, **env: str) -> RunningGateway:
         running = start_gateway(
+            clock=clock,
             MAX_ATTEMPTS="1",
             DEPLOYMENTS_FILE=write_deployments_file(tmp_path, emulator.url, keys or KEY_ENTRIES),
             **env,
@@ -182,7 +185,7 @@ def start_keyed_gateway(
 
     yield start
     for running in started:
-        io_loop.run_sync(running.server.context.quota.close)
+        io_loop.run_sync(running.server.pipeline.quota.close)
 
 
 # --- 401 and 403 ------------------------------------------------------------------
@@ -592,7 +595,7 @@ async def test_health_routes_need_no_key_and_readyz_turns_503_when_draining(star
     ready = await gateway.get("/readyz")
     assert ready.code == 200 and body_of(ready) == {"status": "ready"}
 
-    gateway.server.context.in_flight.draining = True
+    gateway.server.pipeline.in_flight.draining = True
     draining = await gateway.get("/readyz")
     assert draining.code == 503 and body_of(draining) == {"status": "draining"}
     assert (await gateway.get("/healthz")).code == 200

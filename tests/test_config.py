@@ -7,6 +7,7 @@ import pytest
 from gateway.config import load_settings
 from gateway.errors import ConfigError
 from gateway.secret import Secret
+from gateway.upstream.urls import upstream_url
 
 REQUIRED = {
     "ENDPOINT": "https://example.openai.azure.com/",
@@ -36,7 +37,7 @@ def test_defaults_and_upstream_url(tmp_path):
     assert loaded.max_body_size == 1024 * 1024
     assert loaded.max_clients == 1000
     assert dict(loaded.parameter_defaults) == {}
-    assert loaded.deployments[0].chat_url == (
+    assert upstream_url(loaded.deployments[0], "chat/completions") == (
         "https://example.openai.azure.com/openai/deployments/gpt-4o"
         "/chat/completions?api-version=2024-10-21"
     )
@@ -45,8 +46,8 @@ def test_defaults_and_upstream_url(tmp_path):
 def test_endpoint_with_or_without_trailing_slash_and_http(tmp_path):
     without = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999"})
     with_slash = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999/"})
-    assert without.deployments[0].chat_url == with_slash.deployments[0].chat_url
-    assert without.deployments[0].chat_url.startswith("http://127.0.0.1:9999/openai/")
+    assert upstream_url(without.deployments[0], "chat/completions") == upstream_url(with_slash.deployments[0], "chat/completions")
+    assert upstream_url(without.deployments[0], "chat/completions").startswith("http://127.0.0.1:9999/openai/")
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):

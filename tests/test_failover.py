@@ -10,6 +10,7 @@ import pytest
 
 from gateway.config import load_settings
 from gateway.errors import ConfigError
+from gateway.upstream.urls import upstream_url
 from emulator import AzureEmulator, Fault
 
 from .conftest import API_VERSION, EMULATOR_KEY
@@ -230,7 +231,7 @@ def test_deployments_file_is_loaded_with_variables(tmp_path):
     settings = load(tmp_path, GOOD, EAST_KEY="from-env")
     east, west = settings.deployments
     assert (east.name, east.key.reveal(), east.weight, east.models) == ("east", "from-env", 2, ("gpt-4o",))
-    assert east.chat_url == "https://east.example.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    assert upstream_url(east, "chat/completions") == "https://east.example.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
     assert (west.key.reveal(), west.models) == ("literal-key", ("gpt-4o", "smart"))
 
 

@@ -56,7 +56,7 @@ async def test_error_answers_carry_the_same_default_headers(gateway, monkeypatch
     not_found = await gateway.get("/nope")
     wrong_method = await gateway.get("/v1/gpt/chat")
     bad_body = await gateway.post("/v1/gpt/chat", b"{not json")
-    monkeypatch.setattr("handlers.chat.GptChatHandler.upstream_body", broken)
+    monkeypatch.setattr("gateway.pipeline.Pipeline.candidates", broken)
     failed = await gateway.post("/v1/gpt/chat", {"prompt": "hello"})
     answers = (ok, not_found, wrong_method, bad_body, failed)
     assert [answer.code for answer in answers] == [200, 404, 405, 400, 500]
@@ -78,7 +78,7 @@ async def test_unknown_path_is_404_envelope(gateway):
         assert json.loads(response.body) == {
             "success": 0,
             "message": "API Not found.",
-            "error": {"code": "not_found", "message": "API Not found.", "type": "invalid_request_error", "param": None},
+            "error": {"code": "not_found", "message": f"No route for {method} {path}", "type": "invalid_request_error", "param": None},
         }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping
 
 import yaml
@@ -32,16 +33,14 @@ class Deployment:
     weight: float = 1.0
     models: tuple[str, ...] = ()
 
-    @property
-    def chat_url(self) -> str:
-        return (
-            f"{self.endpoint}/openai/deployments/{self.deployment}"
-            f"/chat/completions?api-version={self.api_version}"
-        )
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        """Every name a caller may ask for this deployment by: ours, Azure's, its models."""
+        return tuple(dict.fromkeys((self.name, self.deployment, *self.models)))
 
     def serves(self, model: str) -> bool:
         """True if a caller asking for `model` may be sent here."""
-        return model in (self.name, self.deployment, *self.models)
+        return model in self.names
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

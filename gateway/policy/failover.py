@@ -17,12 +17,10 @@ import asyncio
 import math
 import random
 import time
-from typing import Awaitable, Callable, Iterable, TypeVar
+from typing import Callable, Iterable
 
 from gateway.policy.deployments import Deployment
 from gateway.errors import GatewayError
-
-T = TypeVar("T")
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -60,12 +58,8 @@ class DeploymentPool:
         return tuple(d for d in self.deployments if d.serves(model))
 
     def model_names(self) -> list[str]:
-        names: list[str] = []
-        for deployment in self.deployments:
-            for name in (deployment.name, deployment.deployment, *deployment.models):
-                if name not in names:
-                    names.append(name)
-        return names
+        """Every name the deployments answer to, each once, in the order configured."""
+        return list(dict.fromkeys(name for d in self.deployments for name in d.names))
 
     def cooling_for(self, deployment: Deployment) -> float:
         return max(0.0, self._cool_until.get(deployment.name, 0.0) - self._clock())
@@ -92,52 +86,63 @@ class DeploymentPool:
 
 
 class Failover:
-    """Runs one request's attempts across a pool, by the rules in this module's docstring."""
+    """The retry rules of this module's docstring, over one pool."""
 
     def __init__(self, pool: DeploymentPool, *, max_attempts: int, max_retry_wait: float) -> None:
         self.pool = pool
         self.max_attempts = max_attempts
         self.max_retry_wait = max_retry_wait
 
-    async def run(
-        self,
-        candidates: tuple[Deployment, ...],
-        attempt: Callable[[Deployment], Awaitable[T]],
-        *,
-        on_attempt: Callable[[Deployment, str], None] = lambda deployment, outcome: None,
-        cancelled: Callable[[], bool] = lambda: False,
-    ) -> T:
-        """Call `attempt(deployment)` until one succeeds or the rules say stop.
+    def plan(self, candidates: tuple[Deployment, ...]) -> FailoverPlan:
+        """The attempts of one request over `candidates` (a set of one pins it to a deployment)."""
+        return FailoverPlan(self, candidates)
 
-        `on_attempt(deployment, outcome)` reports each attempt ("ok", or the
-        failure's code) for the access log and metrics.
-        """
-        last_error: GatewayError | None = None
-        attempts = 0
-        while attempts < self.max_attempts and not cancelled():
-            deployment = self.pool.choose(candidates)
-            if deployment is None:
-                wait = self.pool.earliest_ready(candidates)
-                if wait > self.max_retry_wait:
-                    raise all_cooling_down(wait)
-                await asyncio.sleep(wait)
-                continue
-            attempts += 1
+
+class FailoverPlan:
+    """One request's attempts, driven by its owner::
+
+        while True:
+            deployment = await plan.next_deployment()  # raises when no attempt is left
             try:
-                result = await attempt(deployment)
+                answer = await attempt(deployment)
             except GatewayError as error:
-                on_attempt(deployment, error.code)
-                if not error.retryable:
-                    raise
-                self.pool.cool_down(deployment, error.retry_after)
-                last_error = error
+                plan.failed(deployment, error)  # raises unless another attempt may fix it
                 continue
-            on_attempt(deployment, "ok")
-            self.pool.succeeded(deployment)
-            return result
-        if last_error is None:
-            raise GatewayError(499, "client_closed_request", "The caller went away.")
-        raise last_error
+            plan.succeeded(deployment)
+    """
+
+    def __init__(self, failover: Failover, candidates: tuple[Deployment, ...]) -> None:
+        self._failover = failover
+        self._pool = failover.pool
+        self.candidates = candidates
+        self.attempts = 0
+
+    async def next_deployment(self) -> Deployment:
+        """A ready candidate, after waiting out a short cool-down if every one rests.
+
+        Raises a 429 when every candidate rests for longer than `max_retry_wait`
+        (`failed` already raised once `max_attempts` were used up).
+        """
+        while True:
+            deployment = self._pool.choose(self.candidates)
+            if deployment is not None:
+                self.attempts += 1
+                return deployment
+            wait = self._pool.earliest_ready(self.candidates)
+            if wait > self._failover.max_retry_wait:
+                raise all_cooling_down(wait)
+            await asyncio.sleep(wait)
+
+    def failed(self, deployment: Deployment, error: GatewayError) -> None:
+        """Count a failed attempt; re-raise `error` unless another attempt may succeed."""
+        if not error.retryable:
+            raise error
+        self._pool.cool_down(deployment, error.retry_after)
+        if self.attempts >= self._failover.max_attempts:
+            raise error
+
+    def succeeded(self, deployment: Deployment) -> None:
+        self._pool.succeeded(deployment)
 
 
 def all_cooling_down(wait: float) -> GatewayError:

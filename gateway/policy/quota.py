@@ -157,7 +157,8 @@ def _sorted_report(usage: dict[str, dict[str, dict[str, int]]]) -> dict:
 class MemoryQuota:
     """Limits and usage counted in this process; see the module docstring for what that means."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._requests: dict[tuple[str, int], int] = {}
         self._tokens: dict[tuple[str, int], int] = {}
         self._usage: dict[str, dict[str, dict[str, int]]] = {}
@@ -169,7 +170,7 @@ class MemoryQuota:
 
     async def admit(self, key: CallerKey, now: float | None = None) -> Admission:
         """Admit and count a request of `key`, or refuse it without counting it."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         if not has_limits(key):
             return Admission(True, None, 0, {})
         window = window_of(now)
@@ -192,7 +193,7 @@ class MemoryQuota:
         now: float | None = None,
     ) -> None:
         """Add one answered request's tokens to `key`'s window and to the usage report."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         if key is not None and key.tpm is not None:
             window = window_of(now)
             self._forget_before(window)
@@ -268,11 +269,13 @@ class RedisQuota:
         *,
         on_redis_error: Callable[[], None] | None = None,
         prefix: str = DEFAULT_REDIS_PREFIX,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if on_error not in ("open", "closed"):
             raise ValueError(f"on_error must be 'open' or 'closed', not {on_error!r}")
         self.on_error = on_error
         self.prefix = prefix
+        self._clock = clock
         self.safe_url = redacted_redis_url(url)
         self._passwords = _url_passwords(url)
         self._on_redis_error = on_redis_error
@@ -326,7 +329,7 @@ class RedisQuota:
 
     async def admit(self, key: CallerKey, now: float | None = None) -> Admission:
         """Admit and count a request of `key` atomically across processes, or refuse it."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         if not has_limits(key):
             return Admission(True, None, 0, {})
         window = window_of(now)
@@ -366,7 +369,7 @@ class RedisQuota:
 
         A Redis failure is counted and logged, never raised.
         """
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         member = json.dumps([key_name, deployment])
         usage_key = self._usage_key(member)
         try:

@@ -222,6 +222,21 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         exchange.fail(HTTPTransportError(HTTPTransportError.ABORTED, "The request was aborted."))
         return True
 
+    def pause_reading(self, request: HTTPRequest) -> None:
+        """Stop reading `request`'s answer from its socket until `resume_reading`.
+
+        The server's writes then block once the kernel's buffers are full:
+        how a caller that reads slowly holds Azure back.
+        """
+        exchange = self._exchanges.get(request)
+        if exchange is not None and exchange.connection is not None:
+            exchange.connection.pause_reading()
+
+    def resume_reading(self, request: HTTPRequest) -> None:
+        exchange = self._exchanges.get(request)
+        if exchange is not None and exchange.connection is not None:
+            exchange.connection.resume_reading()
+
     def _run(self, exchange: _Exchange) -> None:
         self._running += 1
         exchange.running = True
@@ -458,6 +473,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self.answered = False
+        self.paused = False
         self._reset_parser()
 
     def _reset_parser(self) -> None:
@@ -527,6 +543,17 @@ class _Connection(asyncio.Protocol):
         self.answered = False
         self._reset_parser()
         self.transport.write(exchange.bytes)  # type: ignore[union-attr]
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.usable():
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.usable():
+                self.transport.resume_reading()  # type: ignore[union-attr]
 
     def drop(self) -> None:
         """Close at once, unsent data and all; the connection is never reused."""
@@ -675,6 +702,7 @@ class _Connection(asyncio.Protocol):
         self.exchange = None
         body = None if exchange.request.streaming_callback else b"".join(self.parts)
         code, reason, headers = self.code, self.reason, self.headers or HTTPHeaders()
+        self.resume_reading()  # an idle connection must see the server's FIN
         if self.keep_alive and self.usable() and not self.client._closed:
             self._reset_parser()
             self.client._park(self)

@@ -1,0 +1,157 @@
+"""API faces: the shapes the gateway's routes speak, as data.
+
+A face is everything that differs between two routes that send the same
+kind of request to Azure: the upstream operation, how the body is checked
+and which model it asks for, what an error and a stream's last error event
+look like, and how a success is wrapped. The pipeline (gateway/pipeline.py)
+does the rest the same way for every face; one handler serves them all.
+
+Adding a route for a new API is one `Face` here and one entry in the route
+table (handlers/app.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import parse_qs
+
+from gateway.errors import GatewayError, render_envelope, render_openai_error
+from gateway.gpt_chat import build_gpt_chat_body
+from gateway.upstream.sse import encode_event, usage_in
+
+CHAT_COMPLETIONS = "chat/completions"
+JSON = "application/json"
+JSON_UTF8 = "application/json; charset=utf-8"
+
+
+def unknown_model(model: str | None) -> GatewayError:
+    return GatewayError(
+        404, "model_not_found", f"No deployment serves the model {model!r}.", param="model"
+    )
+
+
+def unknown_azure_deployment(model: str | None) -> GatewayError:
+    """Azure's own answer for a deployment that does not exist."""
+    return GatewayError(
+        404,
+        "DeploymentNotFound",
+        "The API deployment for this resource does not exist.",
+        param="deployment",
+    )
+
+
+def model_in_body(body: Mapping[str, Any], path_args: tuple[str, ...]) -> str | None:
+    model = body.get("model")
+    return model if isinstance(model, str) else None
+
+
+def no_model(body: Mapping[str, Any], path_args: tuple[str, ...]) -> str | None:
+    return None
+
+
+def deployment_in_path(body: Mapping[str, Any], path_args: tuple[str, ...]) -> str | None:
+    return path_args[0]
+
+
+def require_api_version(query: str) -> None:
+    """Azure's 404 for a request without `api-version` (what Azure itself answers)."""
+    if not parse_qs(query).get("api-version"):
+        raise GatewayError(
+            404,
+            "404",
+            "Resource not found: the api-version query parameter is required.",
+            param="api-version",
+        )
+
+
+def accept_any_query(query: str) -> None:
+    return None
+
+
+def as_sent(response_body: bytes, document: Mapping[str, Any]) -> bytes:
+    """Azure's body, byte for byte."""
+    return response_body
+
+
+def in_success_envelope(response_body: bytes, document: Mapping[str, Any]) -> bytes:
+    """Azure's object with `"success": 1` in front, spliced rather than re-encoded."""
+    body = response_body.lstrip()
+    return b'{"success":1,' + body[1:] if document else b'{"success":1}'
+
+
+def chat_usage(document: Mapping[str, Any]) -> dict[str, Any] | None:
+    usage = document.get("usage")
+    return usage if isinstance(usage, dict) else None
+
+
+def envelope_event(error: GatewayError) -> bytes:
+    return encode_event(render_envelope(error))
+
+
+def openai_error_event(error: GatewayError) -> bytes:
+    return encode_event(render_openai_error(error))
+
+
+@dataclass(frozen=True)
+class Face:
+    """One API shape. See the module docstring."""
+
+    route: str  # the route's name in the access log and the metrics
+    operation: str  # the upstream operation (gateway/upstream/urls.py)
+    schema: str  # the JSON Schema `$id` the body is checked against
+    model: Callable[[Mapping[str, Any], tuple[str, ...]], str | None]
+    render_error: Callable[[GatewayError], dict[str, Any]]
+    stream_error: Callable[[GatewayError], bytes]  # a stream's last event when it fails
+    wrap_success: Callable[[bytes, Mapping[str, Any]], bytes]
+    content_type: str
+    unknown_model: Callable[[str | None], GatewayError] = unknown_model
+    check_query: Callable[[str], None] = accept_any_query
+    # The upstream body from the caller's; None sends the caller's bytes unchanged.
+    build_body: Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]] | None = None
+    usage_in_answer: Callable[[Mapping[str, Any]], dict[str, Any] | None] = chat_usage
+    usage_in_event: Callable[[bytes], dict[str, Any] | None] = usage_in
+    # May the gateway ask Azure for a stream's usage event (`stream_options`)?
+    adds_stream_usage: bool = True
+
+
+GPT_CHAT = Face(
+    route="gpt_chat",
+    operation=CHAT_COMPLETIONS,
+    schema="gpt_chat.schema.json",
+    model=no_model,
+    build_body=build_gpt_chat_body,
+    render_error=render_envelope,
+    stream_error=envelope_event,
+    wrap_success=in_success_envelope,
+    content_type=JSON_UTF8,
+)
+
+OPENAI_CHAT = Face(
+    route="chat_completions",
+    operation=CHAT_COMPLETIONS,
+    schema="chat_completions.schema.json",
+    model=model_in_body,
+    render_error=render_openai_error,
+    stream_error=openai_error_event,
+    wrap_success=as_sent,
+    content_type=JSON,
+)
+
+# What `AzureOpenAI(azure_endpoint=<this server>)` calls. The SDK leaves
+# `model` in the body too; Azure ignores it, and so do we: the path names
+# the deployment.
+AZURE_CHAT = Face(
+    route="azure_chat_completions",
+    operation=CHAT_COMPLETIONS,
+    schema="chat_completions.schema.json",
+    model=deployment_in_path,
+    unknown_model=unknown_azure_deployment,
+    check_query=require_api_version,
+    render_error=render_openai_error,
+    stream_error=openai_error_event,
+    wrap_success=as_sent,
+    content_type=JSON,
+)
+
+FACES = (GPT_CHAT, OPENAI_CHAT, AZURE_CHAT)

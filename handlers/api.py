@@ -1,0 +1,127 @@
+"""The one handler of every API route, given its face, and GET /v1/models.
+
+`ApiHandler.post` hands the request to the pipeline (gateway/pipeline.py)
+and writes what comes back: one body, or a stream pulled chunk by chunk,
+each written and flushed before the next is read, so a caller that reads
+slowly holds Azure back instead of filling the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from contextlib import aclosing
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+
+from gateway.faces import OPENAI_CHAT, Face
+from gateway.pipeline import Answer, Inbound, RequestRecord
+
+from .base import BaseHandler, BodyReadingHandler
+from .listeners import request_start_time, set_nodelay
+
+# A caller-supplied request id is echoed and logged, so it must be short and plain.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ApiHandler(BodyReadingHandler):
+    """POST on an API route: the face says which API it is (gateway/faces.py)."""
+
+    def initialize(self, face: Face) -> None:
+        self.face = face
+        self.route = face.route
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.pipeline.in_flight.enter()
+        self._counted = True
+        supplied = self.request.headers.get("x-request-id", "")
+        self.request_id = supplied if _REQUEST_ID.match(supplied) else secrets.token_hex(16)
+        self.record = RequestRecord(headers={"x-request-id": self.request_id})
+        self.set_header("x-request-id", self.request_id)
+
+    async def post(self, *path_args: str) -> None:
+        inbound = Inbound(
+            request_id=self.request_id,
+            headers=self.request.headers,
+            body=self.body(),
+            body_size=self._received,
+            path_args=path_args,
+            query=self.request.query,
+        )
+        answer = await self.pipeline.run(self.face, inbound, self.record)
+        for name, value in (*self.record.headers.items(), *answer.headers.items()):
+            self.set_header(name, value)
+        if answer.stream is None:
+            self.finish(answer.body)
+        else:
+            await self.relay(answer)
+
+    async def relay(self, answer: Answer) -> None:
+        """Write the stream as it is pulled; stop pulling when the caller goes away."""
+        set_nodelay(self.request)
+        async with aclosing(answer.stream) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                self.write(chunk)
+                try:
+                    await self.flush()
+                except StreamClosedError:
+                    self.record.caller_left()
+                    break
+        if not self.record.caller_gone:
+            self.finish()
+
+    def on_finish(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.pipeline.in_flight.leave()
+
+    def on_connection_close(self) -> None:
+        self.record.caller_left()
+        self.on_finish()
+
+    def answer_headers(self) -> dict[str, str]:
+        # send_error cleared the headers set so far; these belong on errors too.
+        return getattr(self, "record", RequestRecord()).headers
+
+    def access_record(self) -> dict[str, Any]:
+        record = super().access_record()
+        life = self.record
+        record.update(
+            request_id=self.request_id,
+            key=life.caller.name if life.caller else None,
+            deployment=life.deployment.name if life.deployment else None,
+            upstream_status=life.upstream_status,
+            attempts=life.attempts or None,
+            apim_request_id=life.apim_request_id,
+        )
+        if life.usage:
+            record["prompt_tokens"] = life.usage.get("prompt_tokens")
+            record["completion_tokens"] = life.usage.get("completion_tokens")
+        if life.first_event_at is not None:
+            record["ttft_ms"] = round((life.first_event_at - request_start_time(self.request)) * 1000, 2)
+        if life.caller_gone:
+            record["status"] = 499
+        return record
+
+
+class ModelsHandler(BaseHandler):
+    """GET /v1/models: the deployments this server serves, in OpenAI's list shape."""
+
+    route = "models"
+    face = OPENAI_CHAT
+
+    def get(self) -> None:
+        caller = self.pipeline.keyring.authenticate(self.request.headers)
+        allowed = caller.models if caller else None
+        self.write_json(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "azure-gpt-api"}
+                    for name in self.pipeline.pool.model_names()
+                    if allowed is None or name in allowed
+                ],
+            }
+        )
