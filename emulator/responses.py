@@ -165,9 +165,13 @@ def item_text(item: dict) -> str:
 
 
 def plan_turn(request: dict, items: list[dict]) -> Turn:
-    """Decide what the response says."""
+    """Decide what the response says.
+
+    The text echoed is the last user message's; a follow-up that brings only a
+    function's result (the usual second turn of a tool call) echoes that result.
+    """
     users = [item for item in items if item.get("type") == "message" and item.get("role") == "user"]
-    text = item_text(users[-1]) if users else ""
+    text = item_text(users[-1]) if users else item_text(items[-1]) if items else ""
     answered = bool(items) and items[-1].get("type") == "function_call_output"
     tools = [tool for tool in request.get("tools") or [] if isinstance(tool, dict) and tool.get("type") == "function"]
     functions = [Function(tool.get("name"), tool.get("parameters")) for tool in tools]
