@@ -49,7 +49,9 @@ def choose_function(
     if not functions:
         return None
     if forced is not None:
-        return next((function for function in functions if function.name == forced), Function(forced, None))
+        return next(
+            (function for function in functions if function.name == forced), Function(forced, None)
+        )
     if choice == "none" or (choice != "required" and answered):
         return None
     return functions[0]
@@ -63,7 +65,7 @@ def arguments(function: Function, text: str) -> str:
 
 
 def structured(schema: Any, text: str) -> str:
-    """The content of a JSON-mode or `json_schema` answer: a minimal instance of `schema` if given."""
+    """The content of a JSON-mode or `json_schema` answer: a minimal instance of `schema`."""
     return json.dumps(echo_object(text) if schema is None else minimal_instance(schema, text))
 
 

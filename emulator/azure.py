@@ -31,11 +31,11 @@ import logging
 import re
 import socket
 import struct
-import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
@@ -75,8 +75,12 @@ from .responses import (
 SECRET_HEADERS = ("api-key", "authorization")  # hidden by GET /_emulator/requests
 V1_VERSIONS = ("v1", "preview")
 RESPONSES_PREVIEW = re.compile(r"\d{4}-\d{2}-\d{2}-preview")
-FIRST_RESPONSES_PREVIEW = "2025-03-01-preview"  # no GA dated version has /responses (PROTOCOL-v1.md section 1)
-MODEL_CREATED = 1_700_000_000  # `created` of every listed model: a fixed time keeps answers predictable
+FIRST_RESPONSES_PREVIEW = (
+    "2025-03-01-preview"  # no GA dated version has /responses (PROTOCOL-v1.md section 1)
+)
+MODEL_CREATED = (
+    1_700_000_000  # `created` of every listed model: a fixed time keeps answers predictable
+)
 DEFAULT_EMBEDDING_DIMENSIONS = 1536  # text-embedding-3-small
 
 log = logging.getLogger(__name__)
@@ -104,15 +108,36 @@ class RecordedRequest:
             parsed = json.loads(request.body)
         except ValueError:
             parsed = None
-        query = {name: values[-1].decode("utf-8", "replace") for name, values in request.query_arguments.items()}
+        query = {
+            name: values[-1].decode("utf-8", "replace")
+            for name, values in request.query_arguments.items()
+        }
         headers = {name.lower(): value for name, value in request.headers.items()}
-        return cls(request.method or "", request.path, query, headers, request.body, parsed, None, operation)
+        return cls(
+            request.method or "",
+            request.path,
+            query,
+            headers,
+            request.body,
+            parsed,
+            None,
+            operation,
+        )
 
     def summary(self) -> dict:
         """Describe the request for GET /_emulator/requests, with the key hidden."""
-        headers = {name: "***" if name in SECRET_HEADERS else value for name, value in self.headers.items()}
-        return {"method": self.method, "path": self.path, "query": self.query, "headers": headers,
-                "json": self.json, "operation": self.operation, "deployment": self.deployment}  # fmt: skip
+        headers = {
+            name: "***" if name in SECRET_HEADERS else value for name, value in self.headers.items()
+        }
+        return {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": headers,
+            "json": self.json,
+            "operation": self.operation,
+            "deployment": self.deployment,
+        }
 
 
 class EmulatorHandler(RequestHandler):
@@ -151,7 +176,9 @@ class ApiHandler(EmulatorHandler):
     operation = ""
     responses_api = False  # dated Responses paths take only preview api-versions
 
-    def initialize(self, emulator: AzureEmulator, v1: bool = False) -> None:  # type: ignore[override]
+    def initialize(  # type: ignore[override]
+        self, emulator: AzureEmulator, v1: bool = False
+    ) -> None:
         super().initialize(emulator)
         self.v1 = v1
         # Here rather than in prepare(), so a request Tornado refuses before prepare() is kept too.
@@ -184,7 +211,7 @@ class ApiHandler(EmulatorHandler):
         self.emulator._running.discard(self.done)
 
     def check_access(self) -> None:
-        """Refuse an api-version this path does not serve (404), then bad credentials (401), as Azure does."""
+        """Refuse an api-version the path does not serve (404), then bad credentials (401)."""
         version, versions = self.get_query_argument("api-version", None), self.emulator.api_versions
         if self.v1:
             served = version is None or version in V1_VERSIONS
@@ -194,7 +221,8 @@ class ApiHandler(EmulatorHandler):
             served = version in versions
         else:
             served = not self.responses_api or (
-                RESPONSES_PREVIEW.fullmatch(version) is not None and version >= FIRST_RESPONSES_PREVIEW
+                RESPONSES_PREVIEW.fullmatch(version) is not None
+                and version >= FIRST_RESPONSES_PREVIEW
             )
         if not served:
             raise resource_not_found()
@@ -217,11 +245,16 @@ class ApiHandler(EmulatorHandler):
         """The deployment a body names in `model`, where the path names none."""
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(model, str):
-            raise bad_request("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+            raise bad_request(
+                "Missing required parameter: 'model'.", "model", "missing_required_parameter"
+            )
         return self.use_deployment(model)
 
     async def begin(self, *, wait: bool = True) -> Fault | None:
-        """Take the next fault and carry out its delay (if `wait`), hang and status; None if the client left."""
+        """Take the next fault and carry out its delay (if `wait`), hang and status.
+
+        Return None if the client went away meanwhile.
+        """
         fault = self.emulator._take_fault() or Fault()
         if wait and not await self.pause(fault.delay):
             return None
@@ -242,7 +275,7 @@ class ApiHandler(EmulatorHandler):
             self.write_json(obj)
 
     async def stream(self, frames: list[bytes], fault: Fault) -> bool:
-        """Write and flush each event on its own, `chunk_gap` apart; abort after `reset_after` of them.
+        """Write and flush each event on its own, `chunk_gap` apart; abort after `reset_after`.
 
         Return whether every event was sent.
         """
@@ -275,12 +308,14 @@ class ApiHandler(EmulatorHandler):
         return False
 
     def abort(self) -> None:
-        """Drop the connection mid-answer: a TCP reset (SO_LINGER 0) where allowed, else a plain close."""
+        """Drop the connection mid-answer: a TCP reset (SO_LINGER 0) where allowed, else a close."""
         self.aborted = True
         stream: IOStream = self.request.connection.stream  # type: ignore[union-attr]
         if not stream.closed():
             try:
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
             except OSError:
                 pass
             stream.close()
@@ -307,7 +342,9 @@ class ChatCompletionsHandler(ApiHandler):
         completion_id = self.emulator._next_completion_id()
         model = self.emulator.model
         if request.get("stream"):
-            payloads = stream_payloads(request, choices, completion_id, model, async_filter=self.emulator.async_filter)
+            payloads = stream_payloads(
+                request, choices, completion_id, model, async_filter=self.emulator.async_filter
+            )
             await self.stream([f"data: {payload}\n\n".encode() for payload in payloads], fault)
         else:
             self.answer(completion_body(request, choices, completion_id, model), fault)
@@ -330,11 +367,16 @@ class EmbeddingsHandler(ApiHandler):
         inputs = check_embeddings_request(body, emulator.embedding_dimensions)
         fault = await self.begin()
         if fault is not None:
-            self.answer(embeddings_body(body, inputs, emulator.embedding_model, emulator.embedding_dimensions), fault)
+            self.answer(
+                embeddings_body(
+                    body, inputs, emulator.embedding_model, emulator.embedding_dimensions
+                ),
+                fault,
+            )
 
 
 class ResponsesHandler(ApiHandler):
-    """POST /openai/v1/responses or /openai/responses: create a response, stored unless `store` is false."""
+    """POST /openai/v1/responses or /openai/responses: stored unless `store` is false."""
 
     operation = "responses.create"
     responses_api = True
@@ -346,8 +388,11 @@ class ResponsesHandler(ApiHandler):
         request = check_response_request(body)
         emulator = self.emulator
         previous_id = request.get("previous_response_id")
-        previous = emulator.stored_responses.previous(previous_id) if previous_id is not None else None
-        background = bool(request.get("background"))
+        previous = (
+            emulator.stored_responses.previous(previous_id) if previous_id is not None else None
+        )
+        # A background stream is streamed as it runs; only a background JSON create answers at once.
+        background = bool(request.get("background")) and not request.get("stream")
         fault = await self.begin(wait=not background)
         if fault is None:
             return
@@ -355,8 +400,14 @@ class ResponsesHandler(ApiHandler):
         turn = plan_turn(request, items)
         usage = response_usage(input_tokens(request, items, previous), turn)
         status = "incomplete" if turn.incomplete else "completed"
-        final = response_object(request, new_id("resp"), emulator.model, status=status,
-                                output=output_items(turn), usage=usage)  # fmt: skip
+        final = response_object(
+            request,
+            new_id("resp"),
+            emulator.model,
+            status=status,
+            output=output_items(turn),
+            usage=usage,
+        )
         stored = StoredResponse(final, items, deployment) if final["store"] else None
         if stored is not None and background:
             stored.response = unfinished(final, "queued")
@@ -377,10 +428,13 @@ class ResponsesHandler(ApiHandler):
             self.answer(final, fault)
 
     def cut_short(self, final: dict) -> dict:
-        """What a stream that ended early leaves stored: cancelled if the client left, else failed."""
+        """What a stream cut short leaves stored: cancelled if the client left, else failed."""
         if self.record.client_gone.is_set():
             return unfinished(final, "cancelled")
-        error = {"code": "server_error", "message": "The response stream ended before the response was complete."}
+        error = {
+            "code": "server_error",
+            "message": "The response stream ended before the response was complete.",
+        }
         return unfinished(final, "failed") | {"error": error}
 
 
@@ -406,7 +460,9 @@ class ResponseHandler(StoredResponseHandler):
     async def get(self, response_id: str) -> None:
         stored = self.stored(response_id)
         if self.get_query_argument("stream", "false") == "true":
-            message = "This emulator does not resume response streams; retrieve the response without 'stream'."
+            message = (
+                "This emulator does not resume streams; retrieve the response without 'stream'."
+            )
             raise bad_request(message, "stream")
         fault = await self.begin()
         if fault is not None:
@@ -420,7 +476,7 @@ class ResponseHandler(StoredResponseHandler):
 
 
 class ResponseCancelHandler(StoredResponseHandler):
-    """POST /openai/v1/responses/{id}/cancel: only a background response can be cancelled (O, DR)."""
+    """POST /openai/v1/responses/{id}/cancel: only background responses can be cancelled (O)."""
 
     operation = "responses.cancel"
 
@@ -439,7 +495,7 @@ class ResponseCancelHandler(StoredResponseHandler):
 
 
 class InputItemsHandler(StoredResponseHandler):
-    """GET /openai/v1/responses/{id}/input_items: the items the response was made from, a page at a time."""
+    """GET /openai/v1/responses/{id}/input_items: the items a response was made from, by page."""
 
     operation = "responses.input_items"
 
@@ -452,7 +508,7 @@ class InputItemsHandler(StoredResponseHandler):
 
 
 class ModelsHandler(ApiHandler):
-    """GET /openai/v1/models[/{model}]: the resource's deployments, as the names a v1 body's `model` takes.
+    """GET /openai/v1/models[/{model}]: the deployments, the names a v1 body's `model` takes.
 
     Whether Azure lists deployments or base models here is not documented
     (PROTOCOL-v1.md section 8); deployments are what a client can call.
@@ -468,7 +524,9 @@ class ModelsHandler(ApiHandler):
         if fault is None:
             return
         listed = [self.model_object(name) for name in sorted(self.emulator.deployments)]
-        self.answer(self.model_object(model) if model else {"object": "list", "data": listed}, fault)
+        self.answer(
+            self.model_object(model) if model else {"object": "list", "data": listed}, fault
+        )
 
     def model_object(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": "system"}
@@ -481,7 +539,9 @@ class FaultsHandler(EmulatorHandler):
             obj = json.loads(self.request.body)
             faults = [Fault.from_json(item) for item in (obj if isinstance(obj, list) else [obj])]
         except ValueError as error:
-            raise ErrorAnswer(400, {"error": {"code": "invalid_fault", "message": str(error)}}) from None
+            raise ErrorAnswer(
+                400, {"error": {"code": "invalid_fault", "message": str(error)}}
+            ) from None
         for fault in faults:
             self.emulator.add_fault(fault)
         self.write_json({"queued": len(faults)})
@@ -500,7 +560,12 @@ class RequestsHandler(EmulatorHandler):
 class StatsHandler(EmulatorHandler):
     def get(self) -> None:
         emulator = self.emulator
-        self.write_json({"connections_accepted": emulator.connections_accepted, "requests": len(emulator.requests)})
+        self.write_json(
+            {
+                "connections_accepted": emulator.connections_accepted,
+                "requests": len(emulator.requests),
+            }
+        )
 
 
 class CountingHTTPServer(HTTPServer):
@@ -515,10 +580,8 @@ class CountingHTTPServer(HTTPServer):
         super().handle_stream(stream, address)
 
 
-
-
 class AzureEmulator:
-    """A fake Azure OpenAI resource: deployments, stored responses, injected faults and a log of requests."""
+    """A fake Azure OpenAI resource: deployments, stored responses, faults and a request log."""
 
     def __init__(
         self,
@@ -576,7 +639,8 @@ class AzureEmulator:
         return f"chatcmpl-emu-{self._completions}"
 
     def _start_run(self, stored: StoredResponse, final: dict, fault: Fault) -> None:
-        """Run a background response: in progress for the fault's `delay` (for ever if it hangs), then `final`."""
+        """Run a background response: in progress for the fault's `delay` (for ever if it
+        hangs), then `final`."""
 
         async def run() -> None:
             stored.response = stored.response | {"status": "in_progress"}
@@ -642,7 +706,10 @@ class AzureEmulator:
         return f"http://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
-        """Stop listening, close open connections (ending hangs and pauses), end background runs, and wait for all."""
+        """Stop listening, close connections (ending hangs and pauses), end background runs.
+
+        Return once every answer and run has ended.
+        """
         if self._server is None:
             return
         server, self._server = self._server, None

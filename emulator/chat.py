@@ -7,7 +7,15 @@ import math
 import time
 from typing import Any, NamedTuple
 
-from .answers import Function, arguments, choose_function, echo, structured, thirds, words
+from .answers import (
+    Function,
+    arguments,
+    choose_function,
+    echo,
+    structured,
+    thirds,
+    words,
+)
 from .errors import bad_request
 from .faults import filter_results
 
@@ -28,7 +36,11 @@ class Choice(NamedTuple):
 def message_text(content: Any) -> str:
     """Return a message's text, whether its `content` is a string or a list of parts."""
     if isinstance(content, list):
-        texts = (part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        texts = (
+            part.get("text")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
         return " ".join(text for text in texts if isinstance(text, str))
     return content if isinstance(content, str) else ""
 
@@ -42,13 +54,21 @@ def planned_call(request: dict) -> tuple[Function, bool] | None:
     messages = request["messages"]
     answered = messages[-1].get("role") in RESULT_ROLES
     tools = [tool.get("function") for tool in request.get("tools") or [] if isinstance(tool, dict)]
-    tool_functions = [Function(tool.get("name"), tool.get("parameters")) for tool in tools if isinstance(tool, dict)]
+    tool_functions = [
+        Function(tool.get("name"), tool.get("parameters"))
+        for tool in tools
+        if isinstance(tool, dict)
+    ]
     if tool_functions:
         choice = request.get("tool_choice")
         forced = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
         chosen = choose_function(tool_functions, choice, forced, answered=answered)
         return None if chosen is None else (chosen, False)
-    legacy = [Function(f.get("name"), f.get("parameters")) for f in request.get("functions") or [] if isinstance(f, dict)]
+    legacy = [
+        Function(f.get("name"), f.get("parameters"))
+        for f in request.get("functions") or []
+        if isinstance(f, dict)
+    ]
     choice = request.get("function_call")
     forced = choice.get("name") if isinstance(choice, dict) else None
     chosen = choose_function(legacy, choice, forced, answered=answered)
@@ -80,9 +100,17 @@ def plan_choices(request: dict) -> list[Choice]:
 
 
 def usage(request: dict, choices: list[Choice]) -> dict:
-    prompt = sum(len(words(message_text(message.get("content")))) for message in request["messages"])
-    completion = sum(len(words(choice.arguments if choice.function else choice.content)) for choice in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    prompt = sum(
+        len(words(message_text(message.get("content")))) for message in request["messages"]
+    )
+    completion = sum(
+        len(words(choice.arguments if choice.function else choice.content)) for choice in choices
+    )
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def completion_body(request: dict, choices: list[Choice], completion_id: str, model: str) -> dict:
@@ -94,44 +122,88 @@ def completion_body(request: dict, choices: list[Choice], completion_id: str, mo
         if choice.function is not None and choice.legacy:
             body["function_call"] = call
         elif choice.function is not None:
-            body["tool_calls"] = [{"id": f"call_{completion_id}_{index}", "type": "function", "function": call}]
+            body["tool_calls"] = [
+                {"id": f"call_{completion_id}_{index}", "type": "function", "function": call}
+            ]
         return body
 
     return {
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
-            {"index": index, "message": message(index, choice), "logprobs": None, "finish_reason": choice.finish_reason,
-             "content_filter_results": filter_results("protected_material_code", "protected_material_text")}
+            {
+                "index": index,
+                "message": message(index, choice),
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+                "content_filter_results": filter_results(
+                    "protected_material_code", "protected_material_text"
+                ),
+            }
             for index, choice in enumerate(choices)
         ],
         "prompt_filter_results": prompt_filter_results(),
         "usage": usage(request, choices),
-    }  # fmt: skip
+    }
 
 
 def stream_payloads(
-    request: dict, choices: list[Choice], completion_id: str, model: str, *, async_filter: bool = False
+    request: dict,
+    choices: list[Choice],
+    completion_id: str,
+    model: str,
+    *,
+    async_filter: bool = False,
 ) -> list[str]:
-    """Return the `data:` payloads of the streamed answer, ending with [DONE] (PROTOCOL.md section 4).
+    """Return the `data:` payloads of the streamed answer, ending with [DONE] (PROTOCOL.md 4).
 
     With `async_filter`, as on deployments with asynchronous content filtering,
     an annotation event (empty id, `content_filter_offsets`, no `delta`)
     follows every second content chunk.
     """
     include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-    head = {"created": int(time.time()), "id": completion_id, "model": model, "object": "chat.completion.chunk",
-            "system_fingerprint": SYSTEM_FINGERPRINT} | ({"usage": None} if include_usage else {})
+    head = {
+        "created": int(time.time()),
+        "id": completion_id,
+        "model": model,
+        "object": "chat.completion.chunk",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    } | ({"usage": None} if include_usage else {})
     safe = filter_results("protected_material_code", "protected_material_text")
 
-    def chunk(index: int, delta: dict, finish_reason: str | None = None, filters: dict | None = None) -> dict:
-        return {"choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None,
-                             "content_filter_results": filters or {}}]} | head
+    def chunk(
+        index: int, delta: dict, finish_reason: str | None = None, filters: dict | None = None
+    ) -> dict:
+        return {
+            "choices": [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "finish_reason": finish_reason,
+                    "logprobs": None,
+                    "content_filter_results": filters or {},
+                }
+            ]
+        } | head
 
-    chunks = [{"choices": [], "created": 0, "id": "", "model": "", "object": "",
-               "prompt_filter_results": prompt_filter_results()} | ({"usage": None} if include_usage else {})]
+    chunks = [
+        {
+            "choices": [],
+            "created": 0,
+            "id": "",
+            "model": "",
+            "object": "",
+            "prompt_filter_results": prompt_filter_results(),
+        }
+        | ({"usage": None} if include_usage else {})
+    ]
     for index, choice in enumerate(choices):
-        chunks.append(chunk(index, {"role": "assistant", "content": "" if choice.function is None else None}))
+        chunks.append(
+            chunk(index, {"role": "assistant", "content": "" if choice.function is None else None})
+        )
         if choice.function is None:
             offset = 0
             for count, word in enumerate(words(choice.content), start=1):
@@ -140,18 +212,29 @@ def stream_payloads(
                 if async_filter and count % 2 == 0:
                     chunks.append(annotation(index, offset, safe))
         elif choice.legacy:
-            chunks.append(chunk(index, {"function_call": {"name": choice.function, "arguments": ""}}))
-            chunks += [chunk(index, {"function_call": {"arguments": piece}}) for piece in thirds(choice.arguments)]
+            chunks.append(
+                chunk(index, {"function_call": {"name": choice.function, "arguments": ""}})
+            )
+            chunks += [
+                chunk(index, {"function_call": {"arguments": piece}})
+                for piece in thirds(choice.arguments)
+            ]
         else:
-            opening = {"index": 0, "id": f"call_{completion_id}_{index}", "type": "function",
-                       "function": {"name": choice.function, "arguments": ""}}
+            opening = {
+                "index": 0,
+                "id": f"call_{completion_id}_{index}",
+                "type": "function",
+                "function": {"name": choice.function, "arguments": ""},
+            }
             chunks.append(chunk(index, {"tool_calls": [opening]}))
-            chunks += [chunk(index, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-                       for piece in thirds(choice.arguments)]
+            chunks += [
+                chunk(index, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                for piece in thirds(choice.arguments)
+            ]
         chunks.append(chunk(index, {}, choice.finish_reason))
     if include_usage:
         chunks.append({"choices": []} | head | {"usage": usage(request, choices)})
-    return [json.dumps(chunk, separators=(",", ":")) for chunk in chunks] + ["[DONE]"]  # fmt: skip
+    return [json.dumps(chunk, separators=(",", ":")) for chunk in chunks] + ["[DONE]"]
 
 
 def annotation(index: int, offset: int, filters: dict) -> dict:
@@ -170,7 +253,11 @@ def annotation(index: int, offset: int, filters: dict) -> dict:
 def check_chat_request(request: Any) -> dict:
     """Return the parsed chat request; raise ErrorAnswer(400) where Azure would refuse it."""
     messages = request.get("messages") if isinstance(request, dict) else None
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) for m in messages)
+    ):
         raise bad_request("'messages' is a required property", "messages")
     for name, high in (("n", 128), ("max_tokens", math.inf), ("max_completion_tokens", math.inf)):
         value = request.get(name)

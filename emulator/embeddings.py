@@ -29,32 +29,53 @@ Input = str | list[int]
 
 
 def check_embeddings_request(request: Any, full_dimensions: int) -> list[Input]:
-    """Return the request's inputs as a list; raise ErrorAnswer(400) where Azure would refuse it (*inferred* texts)."""
+    """Return the request's inputs as a list; raise ErrorAnswer(400) where Azure would refuse it.
+
+    The messages are *inferred*: no source gives Azure's texts.
+    """
     if not isinstance(request, dict):
         raise bad_request("The request body must be a JSON object.", None)
     given = request.get("input")
-    if isinstance(given, str) or (isinstance(given, list) and given and all(is_token(t) for t in given)):
+    if isinstance(given, str) or (
+        isinstance(given, list) and given and all(is_token(t) for t in given)
+    ):
         inputs: list[Input] = [given]
-    elif isinstance(given, list) and given and (all(isinstance(x, str) for x in given) or all(
-        isinstance(x, list) and x and all(is_token(t) for t in x) for x in given
-    )):
+    elif (
+        isinstance(given, list)
+        and given
+        and (
+            all(isinstance(x, str) for x in given)
+            or all(isinstance(x, list) and x and all(is_token(t) for t in x) for x in given)
+        )
+    ):
         inputs = given
     else:
-        message = ("'input' must be a non-empty string, or an array of strings, of token ids or of "
-                   "non-empty arrays of token ids.")  # fmt: skip
+        message = (
+            "'input' must be a non-empty string, or an array of strings, of token ids or of "
+            "non-empty arrays of token ids."
+        )
         raise bad_request(message, "input")
     if len(inputs) > MAX_INPUTS:
-        raise bad_request(f"'input' has {len(inputs)} items; at most {MAX_INPUTS} are allowed.", "input")
+        raise bad_request(
+            f"'input' has {len(inputs)} items; at most {MAX_INPUTS} are allowed.", "input"
+        )
     if any(item == "" for item in inputs):
         raise bad_request("'input' cannot contain an empty string.", "input")
     encoding = request.get("encoding_format")
     if encoding is not None and encoding not in ENCODINGS:
-        raise bad_request(f"Invalid value for 'encoding_format': {encoding!r}; expected 'float' or 'base64'.",
-                          "encoding_format")  # fmt: skip
+        raise bad_request(
+            f"Invalid value for 'encoding_format': {encoding!r}; expected 'float' or 'base64'.",
+            "encoding_format",
+        )
     dimensions = request.get("dimensions")
-    if dimensions is not None and (type(dimensions) is not int or not 1 <= dimensions <= full_dimensions):
-        raise bad_request(f"Invalid value for 'dimensions': {dimensions!r}; this model supports 1 to "
-                          f"{full_dimensions}.", "dimensions")  # fmt: skip
+    if dimensions is not None and (
+        type(dimensions) is not int or not 1 <= dimensions <= full_dimensions
+    ):
+        raise bad_request(
+            f"Invalid value for 'dimensions': {dimensions!r}; this model supports 1 to "
+            f"{full_dimensions}.",
+            "dimensions",
+        )
     return inputs
 
 
@@ -91,4 +112,9 @@ def embeddings_body(request: dict, inputs: list[Input], model: str, full_dimensi
             vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
         data.append({"object": "embedding", "index": index, "embedding": vector})
     tokens = sum(token_count(item) for item in inputs)
-    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -13,21 +13,23 @@ from tornado.web import HTTPError
 DEFAULT_RETRY_AFTER = 1  # seconds, for a rate_limit fault that names none
 
 ACCESS_DENIED = (
-    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
-    "for an active subscription and use a correct regional API endpoint for your resource."
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
+    "a valid key for an active subscription and use a correct regional API endpoint for your "
+    "resource."
 )
 DEPLOYMENT_NOT_FOUND = (
-    "The API deployment for this resource does not exist. If you created the deployment within the last "
-    "5 minutes, please wait a moment and try again."
+    "The API deployment for this resource does not exist. If you created the deployment within "
+    "the last 5 minutes, please wait a moment and try again."
 )
 RATE_LIMITED = (
-    "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded "
-    "token rate limit of your current OpenAI S0 pricing tier. Please retry after {seconds} seconds. Please go "
-    "here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
+    "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version "
+    "2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please "
+    "retry after {seconds} seconds. Please go here: https://aka.ms/oai/quotaincrease if you "
+    "would like to further increase the default rate limit."
 )
 CONTENT_FILTERED = (
-    "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
-    "Please modify your prompt and retry."
+    "The response was filtered due to the prompt triggering Azure OpenAI's content management "
+    "policy. Please modify your prompt and retry."
 )
 
 
@@ -49,15 +51,26 @@ def azure_error(status: int, *, seconds: int = DEFAULT_RETRY_AFTER) -> dict:
         404: {"code": "404", "message": "Resource not found"},
         408: {"code": "Timeout", "message": "The operation was timeout."},
         429: {"code": "429", "message": RATE_LIMITED.format(seconds=seconds)},
-        500: {"message": "The server had an error processing your request. Sorry about that!", **server_error},
-        503: {"message": "The service is temporarily unable to process your request.", **server_error},
+        500: {
+            "message": "The server had an error processing your request. Sorry about that!",
+            **server_error,
+        },
+        503: {
+            "message": "The service is temporarily unable to process your request.",
+            **server_error,
+        },
     }
-    return {"error": known.get(status) or {"code": str(status), "message": responses.get(status, "Error")}}
+    return {
+        "error": known.get(status)
+        or {"code": str(status), "message": responses.get(status, "Error")}
+    }
 
 
 def invalid_request(message: str, param: str | None, code: str | None = None) -> dict:
     """Return the OpenAI-style 400 body Azure uses for a body it cannot accept."""
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
 
 
 def bad_request(message: str, param: str | None, code: str | None = None) -> ErrorAnswer:
@@ -70,11 +83,13 @@ def resource_not_found() -> ErrorAnswer:
 
 
 def deployment_not_found() -> ErrorAnswer:
-    return ErrorAnswer(404, {"error": {"code": "DeploymentNotFound", "message": DEPLOYMENT_NOT_FOUND}})
+    return ErrorAnswer(
+        404, {"error": {"code": "DeploymentNotFound", "message": DEPLOYMENT_NOT_FOUND}}
+    )
 
 
 def response_not_found(response_id: str) -> ErrorAnswer:
-    """A response id this resource does not hold (OpenAI's 404 shape, O#Error; Azure's text is *inferred*)."""
+    """A response id this resource does not hold (O#Error's 404 shape; the text is *inferred*)."""
     return ErrorAnswer(404, invalid_request(f"Response with id '{response_id}' not found.", None))
 
 
@@ -85,6 +100,6 @@ def previous_response_not_found(response_id: str) -> ErrorAnswer:
 
 
 def model_not_found(model: str) -> ErrorAnswer:
-    """GET /models/{model} for a name no deployment has (OpenAI's shape; Azure's text is *inferred*)."""
+    """GET /models/{model} for a name no deployment has (OpenAI's shape; *inferred*)."""
     message = f"The model '{model}' does not exist or you do not have access to it."
     return ErrorAnswer(404, invalid_request(message, "model", "model_not_found"))

@@ -10,7 +10,13 @@ from .errors import CONTENT_FILTERED, DEFAULT_RETRY_AFTER, azure_error
 
 FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 KIND_STATUS = MappingProxyType(
-    {"rate_limit": 429, "content_filter": 400, "server_error": 500, "unavailable": 503, "timeout": 408}
+    {
+        "rate_limit": 429,
+        "content_filter": 400,
+        "server_error": 500,
+        "unavailable": 503,
+        "timeout": 408,
+    }
 )
 
 
@@ -47,10 +53,16 @@ class Fault:
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KIND_STATUS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; known kinds: {', '.join(KIND_STATUS)}")
-        if not all(isinstance(value, (int, float)) and value >= 0 for value in (self.delay, self.chunk_gap)):
+            raise ValueError(
+                f"unknown fault kind {self.kind!r}; known kinds: {', '.join(KIND_STATUS)}"
+            )
+        if not all(
+            isinstance(value, (int, float)) and value >= 0 for value in (self.delay, self.chunk_gap)
+        ):
             raise ValueError("fault delay and chunk_gap must be numbers of seconds, not negative")
-        if self.reset_after is not None and not (isinstance(self.reset_after, int) and self.reset_after >= 0):
+        if self.reset_after is not None and not (
+            isinstance(self.reset_after, int) and self.reset_after >= 0
+        ):
             raise ValueError(f"fault reset_after must be an event count, not {self.reset_after!r}")
         if not isinstance(self.times, int) or self.times < 1:
             raise ValueError(f"fault times must be a positive integer, not {self.times!r}")
@@ -59,14 +71,31 @@ class Fault:
         if self.kind == "rate_limit":
             # Keep the two headers (and the body's advice) consistent when only one is given.
             millis = self.headers.get("retry-after-ms")
-            seconds = int(self.headers.get("retry-after") or (math.ceil(int(millis) / 1000) if millis else seconds))
-            self.headers = {"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)} | self.headers
+            seconds = int(
+                self.headers.get("retry-after")
+                or (math.ceil(int(millis) / 1000) if millis else seconds)
+            )
+            self.headers = {
+                "retry-after": str(seconds),
+                "retry-after-ms": str(seconds * 1000),
+            } | self.headers
         if self.kind == "content_filter" and self.body is None:
-            filtered = filter_results("jailbreak") | {"violence": {"filtered": True, "severity": "medium"}}
-            self.body = {"error": {
-                "message": CONTENT_FILTERED, "type": None, "param": "prompt", "code": "content_filter", "status": 400,
-                "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": filtered},
-            }}  # fmt: skip
+            filtered = filter_results("jailbreak") | {
+                "violence": {"filtered": True, "severity": "medium"}
+            }
+            self.body = {
+                "error": {
+                    "message": CONTENT_FILTERED,
+                    "type": None,
+                    "param": "prompt",
+                    "code": "content_filter",
+                    "status": 400,
+                    "innererror": {
+                        "code": "ResponsibleAIPolicyViolation",
+                        "content_filter_result": filtered,
+                    },
+                }
+            }
         if self.kind is not None and self.status is None:
             self.status = KIND_STATUS[self.kind]
         if self.status is not None and self.body is None:

@@ -24,7 +24,8 @@ import math
 import re
 from typing import Any
 
-MAX_DEPTH = 32  # nesting beyond this gets null: a schema that recurses through required fields has no instance
+# Nesting beyond this gets null: a schema that recurses through required fields has no instance.
+MAX_DEPTH = 32
 FORMATS = {
     "date-time": "1970-01-01T00:00:00Z",
     "date": "1970-01-01",
@@ -93,14 +94,18 @@ class Builder:
             merged = {key: value for key, value in schema.items() if key != "allOf"}
             for part in schema["allOf"]:
                 while isinstance(part, dict) and "$ref" in part:
-                    part = merge(self.resolve(part["$ref"]), {k: v for k, v in part.items() if k != "$ref"})
+                    part = merge(
+                        self.resolve(part["$ref"]), {k: v for k, v in part.items() if k != "$ref"}
+                    )
                 merged = merge(merged, part if isinstance(part, dict) else {})
             return self.build(merged, depth + 1, refs)
         for combinator in ("anyOf", "oneOf"):
             if schema.get(combinator):
                 rest = {key: value for key, value in schema.items() if key != combinator}
                 branch = self.choose(schema[combinator], refs)
-                return self.build(merge(rest, branch) if isinstance(branch, dict) else branch, depth + 1, refs)
+                return self.build(
+                    merge(rest, branch) if isinstance(branch, dict) else branch, depth + 1, refs
+                )
         kind = schema_type(schema)
         if kind == "object":
             return self.object(schema, depth, refs)
@@ -117,7 +122,7 @@ class Builder:
         return self.text
 
     def choose(self, branches: list[Any], refs: tuple[str, ...]) -> Any:
-        """The first branch, unless it leads back into a `$ref` already being built (a recursive model)."""
+        """The first branch, unless it leads back into a `$ref` being built (a recursive model)."""
         for branch in branches:
             if not (isinstance(branch, dict) and branch.get("$ref") in refs):
                 return branch
@@ -127,9 +132,17 @@ class Builder:
         properties = schema.get("properties") or {}
         extra = schema.get("additionalProperties", True)
         open_ended = extra is True or extra == {}
-        if not properties and not schema.get("required") and open_ended and "patternProperties" not in schema:
+        if (
+            not properties
+            and not schema.get("required")
+            and open_ended
+            and "patternProperties" not in schema
+        ):
             return echo_object(self.text)
-        value = {name: self.build(properties.get(name, {}), depth + 1, refs) for name in schema.get("required", [])}
+        value = {
+            name: self.build(properties.get(name, {}), depth + 1, refs)
+            for name in schema.get("required", [])
+        }
         needed = schema.get("minProperties", 0)
         for name in properties:
             if len(value) >= needed:
@@ -137,7 +150,9 @@ class Builder:
             value.setdefault(name, self.build(properties[name], depth + 1, refs))
         index = 0
         while len(value) < needed and extra is not False:
-            value.setdefault(f"p{index}", self.build(extra if isinstance(extra, dict) else {}, depth + 1, refs))
+            value.setdefault(
+                f"p{index}", self.build(extra if isinstance(extra, dict) else {}, depth + 1, refs)
+            )
             index += 1
         return value
 
@@ -148,7 +163,10 @@ class Builder:
         if "contains" in schema:
             count = max(count, schema.get("minContains", 1))
             return [self.build(schema["contains"], depth + 1, refs) for _ in range(count)]
-        return [self.build(prefix[i] if i < len(prefix) else items, depth + 1, refs) for i in range(count)]
+        return [
+            self.build(prefix[i] if i < len(prefix) else items, depth + 1, refs)
+            for i in range(count)
+        ]
 
     def string(self, schema: dict) -> str:
         if schema.get("format") in FORMATS:
@@ -163,19 +181,25 @@ class Builder:
 
 
 def schema_type(schema: dict) -> str | None:
-    """The type a schema asks for: its `type` (the first non-null one of a list), or what its keywords imply."""
+    """The type a schema asks for: its `type` (the first non-null of a list), or its keywords'."""
     kind = schema.get("type")
     if isinstance(kind, list):
         return next((name for name in kind if name != "null"), kind[0] if kind else None)
     if kind is not None:
         return kind
-    if any(key in schema for key in ("properties", "required", "additionalProperties", "patternProperties")):
+    if any(
+        key in schema
+        for key in ("properties", "required", "additionalProperties", "patternProperties")
+    ):
         return "object"
     if any(key in schema for key in ("items", "prefixItems", "contains", "minItems")):
         return "array"
     if any(key in schema for key in ("minLength", "maxLength", "pattern", "format")):
         return "string"
-    if any(key in schema for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")):
+    if any(
+        key in schema
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+    ):
         return "number"
     return None
 
@@ -210,10 +234,12 @@ def is_number(value: Any) -> bool:
 
 
 def merge(base: dict, extra: dict) -> dict:
-    """Join two schemas that both apply: properties and `required` combined, other keys from `base` first."""
+    """Join two schemas that both apply: properties and `required` combined, else `base` first."""
     joined = dict(extra) | dict(base)
     if "properties" in base or "properties" in extra:
         joined["properties"] = (extra.get("properties") or {}) | (base.get("properties") or {})
     if "required" in base or "required" in extra:
-        joined["required"] = list(dict.fromkeys([*base.get("required", []), *extra.get("required", [])]))
+        joined["required"] = list(
+            dict.fromkeys([*base.get("required", []), *extra.get("required", [])])
+        )
     return joined

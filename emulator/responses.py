@@ -19,7 +19,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .answers import Function, arguments, choose_function, echo, structured, thirds, words
+from .answers import (
+    Function,
+    arguments,
+    choose_function,
+    echo,
+    structured,
+    thirds,
+    words,
+)
 from .errors import bad_request, previous_response_not_found, response_not_found
 
 MIN_OUTPUT_TOKENS = 16  # O#CreateResponse max_output_tokens minimum
@@ -28,11 +36,13 @@ ITEMS_PAGE_MAX = 100
 ACTIVE = ("queued", "in_progress")
 TERMINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete"}
 TEXT_PARTS = ("input_text", "output_text", "text")
-STREAM_OPTIONS = ("include_obfuscation",)  # Azure refuses `include_usage` here: it is chat's (PROTOCOL-v1.md 4.1)
+STREAM_OPTIONS = (
+    "include_obfuscation",
+)  # Azure refuses `include_usage` here: it is chat's (PROTOCOL-v1.md 4.1)
 
 
 def new_id(prefix: str) -> str:
-    """An opaque id like Azure's (a type prefix, 48 hex digits): unique across emulator instances."""
+    """An opaque id like Azure's (a type prefix, 48 hex digits), unique across instances."""
     return f"{prefix}_{secrets.token_hex(24)}"
 
 
@@ -83,7 +93,7 @@ class ResponseStore:
         return stored
 
     def previous(self, response_id: str) -> StoredResponse:
-        """The response a follow-up continues; raise Azure's 400 previous_response_not_found if there is none."""
+        """The response a follow-up continues; raise previous_response_not_found if none."""
         stored = self._responses.get(response_id)
         if stored is None:
             raise previous_response_not_found(response_id)
@@ -93,7 +103,7 @@ class ResponseStore:
         self._responses[stored.response["id"]] = stored
 
     def delete(self, response_id: str) -> dict:
-        """Forget a response (ending its run); return Azure's delete answer (A: `response.deleted`)."""
+        """Forget a response (ending its run); return Azure's answer (A: `response.deleted`)."""
         stored = self.get(response_id)
         del self._responses[response_id]
         if stored.run is not None:
@@ -110,30 +120,39 @@ class ResponseStore:
 
 
 def check_response_request(request: Any) -> dict:
-    """Return the create request; raise ErrorAnswer(400) where Azure would refuse it (*inferred* texts)."""
+    """Return the create request; raise ErrorAnswer(400) where Azure would refuse it.
+
+    The messages are *inferred*, except `stream_options`' (BerriAI/litellm#28553).
+    """
     if not isinstance(request, dict):
         raise bad_request("The request body must be a JSON object.", None)
     if not isinstance(request.get("input", ""), (str, list)):
-        raise bad_request("Invalid type for 'input': expected a string or an array of input items.", "input")
+        raise bad_request(
+            "Invalid type for 'input': expected a string or an array of input items.", "input"
+        )
     for key in request.get("stream_options") or {}:
         if key not in STREAM_OPTIONS:
             param = f"stream_options.{key}"
             raise bad_request(f"Unknown parameter: '{param}'.", param, "unknown_parameter")
     limit = request.get("max_output_tokens")
     if limit is not None and (type(limit) is not int or limit < MIN_OUTPUT_TOKENS):
-        message = (f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
-                   f"{MIN_OUTPUT_TOKENS}, but got {limit!r} instead.")  # fmt: skip
+        message = (
+            f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
+            f"{MIN_OUTPUT_TOKENS}, but got {limit!r} instead."
+        )
         raise bad_request(message, "max_output_tokens", "integer_below_min_value")
     previous = request.get("previous_response_id")
     if previous is not None and not isinstance(previous, str):
-        raise bad_request("Invalid type for 'previous_response_id': expected a string.", "previous_response_id")
+        raise bad_request(
+            "Invalid type for 'previous_response_id': expected a string.", "previous_response_id"
+        )
     if request.get("background") and request.get("store") is False:
         raise bad_request("Background mode requires 'store' to be true.", "background")
     return request
 
 
 def input_items(request: dict) -> list[dict]:
-    """The request's input as stored items (O#ItemResource): every item with an id, message content as parts."""
+    """The request's input as stored items (O#ItemResource): each with an id, content as parts."""
     given = request.get("input")
     if isinstance(given, str):
         given = [{"role": "user", "content": given}]
@@ -146,7 +165,11 @@ def input_items(request: dict) -> list[dict]:
             part = "output_text" if item["role"] == "assistant" else "input_text"
             if isinstance(item.get("content"), str):
                 item["content"] = [{"type": part, "text": item["content"]}]
-            item = {"id": item.get("id") or new_id("msg"), "type": "message", "status": "completed"} | item
+            item = {
+                "id": item.get("id") or new_id("msg"),
+                "type": "message",
+                "status": "completed",
+            } | item
         else:
             prefix = "fc" if item.get("type") == "function_call" else "item"
             item = {"id": item.get("id") or new_id(prefix)} | item
@@ -160,7 +183,11 @@ def item_text(item: dict) -> str:
         output = item.get("output")
         return output if isinstance(output, str) else ""
     parts = item.get("content") if isinstance(item.get("content"), list) else []
-    texts = [part.get("text") for part in parts if isinstance(part, dict) and part.get("type") in TEXT_PARTS]
+    texts = [
+        part.get("text")
+        for part in parts
+        if isinstance(part, dict) and part.get("type") in TEXT_PARTS
+    ]
     return " ".join(text for text in texts if isinstance(text, str))
 
 
@@ -173,10 +200,18 @@ def plan_turn(request: dict, items: list[dict]) -> Turn:
     users = [item for item in items if item.get("type") == "message" and item.get("role") == "user"]
     text = item_text(users[-1]) if users else item_text(items[-1]) if items else ""
     answered = bool(items) and items[-1].get("type") == "function_call_output"
-    tools = [tool for tool in request.get("tools") or [] if isinstance(tool, dict) and tool.get("type") == "function"]
+    tools = [
+        tool
+        for tool in request.get("tools") or []
+        if isinstance(tool, dict) and tool.get("type") == "function"
+    ]
     functions = [Function(tool.get("name"), tool.get("parameters")) for tool in tools]
     choice = request.get("tool_choice")
-    forced = choice.get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    forced = (
+        choice.get("name")
+        if isinstance(choice, dict) and choice.get("type") == "function"
+        else None
+    )
     function = choose_function(functions, choice, forced, answered=answered)
     if function is not None:
         return Turn(None, function.name, arguments(function, text))
@@ -194,24 +229,48 @@ def plan_turn(request: dict, items: list[dict]) -> Turn:
 def input_tokens(request: dict, items: list[dict], previous: StoredResponse | None) -> int:
     instructions = request.get("instructions")
     own = sum(len(words(item_text(item))) for item in items)
-    return len(words(instructions if isinstance(instructions, str) else "")) + own + (
-        previous.context_tokens if previous else 0
+    return (
+        len(words(instructions if isinstance(instructions, str) else ""))
+        + own
+        + (previous.context_tokens if previous else 0)
     )
 
 
 def output_items(turn: Turn) -> list[dict]:
     if turn.function is not None:
-        return [{"id": new_id("fc"), "type": "function_call", "status": "completed", "call_id": new_id("call"),
-                 "name": turn.function, "arguments": turn.arguments}]  # fmt: skip
+        return [
+            {
+                "id": new_id("fc"),
+                "type": "function_call",
+                "status": "completed",
+                "call_id": new_id("call"),
+                "name": turn.function,
+                "arguments": turn.arguments,
+            }
+        ]
     status = "incomplete" if turn.incomplete else "completed"
     part = {"type": "output_text", "text": turn.text, "annotations": [], "logprobs": []}
-    return [{"id": new_id("msg"), "type": "message", "status": status, "role": "assistant", "content": [part]}]
+    return [
+        {
+            "id": new_id("msg"),
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": [part],
+        }
+    ]
 
 
 def response_object(
-    request: dict, response_id: str, model: str, *, status: str, output: list[dict], usage: dict | None
+    request: dict,
+    response_id: str,
+    model: str,
+    *,
+    status: str,
+    output: list[dict],
+    usage: dict | None,
 ) -> dict:
-    """The Response (O#Response, A#AzureResponse): the request's settings echoed, with `output_text` as Azure sends it."""
+    """The Response (O#Response, A#AzureResponse), with `output_text` as Azure sends it."""
     now = int(time.time())
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
 
@@ -234,7 +293,10 @@ def response_object(
         "model": model,
         "output": output,
         "output_text": "".join(
-            part.get("text", "") for item in output if item["type"] == "message" for part in item["content"]
+            part.get("text", "")
+            for item in output
+            if item["type"] == "message"
+            for part in item["content"]
         ),
         "parallel_tool_calls": setting("parallel_tool_calls", True),
         "previous_response_id": request.get("previous_response_id"),
@@ -264,38 +326,75 @@ def response_usage(input_count: int, turn: Turn) -> dict:
 
 
 def unfinished(response: dict, status: str = "in_progress") -> dict:
-    """The response as it stands before its output: in `response.created`, or a background create's answer."""
-    return response | {"status": status, "output": [], "output_text": "", "usage": None, "completed_at": None,
-                       "incomplete_details": None}  # fmt: skip
+    """The response before its output: in `response.created`, or a background create's answer."""
+    return response | {
+        "status": status,
+        "output": [],
+        "output_text": "",
+        "usage": None,
+        "completed_at": None,
+        "incomplete_details": None,
+    }
 
 
 def stream_events(response: dict) -> list[dict]:
-    """The events of a streamed response, numbered from 0 (PROTOCOL-v1.md section 4.2); no [DONE] follows."""
+    """The events of a streamed response, numbered from 0 (PROTOCOL-v1.md 4.2); no [DONE]."""
     start = unfinished(response)
-    events: list[tuple[str, dict]] = [("response.created", {"response": start}),
-                                      ("response.in_progress", {"response": start})]  # fmt: skip
+    events: list[tuple[str, dict]] = [
+        ("response.created", {"response": start}),
+        ("response.in_progress", {"response": start}),
+    ]
     for index, item in enumerate(response["output"]):
         where = {"item_id": item["id"], "output_index": index}
         if item["type"] == "function_call":
-            events.append(("response.output_item.added",
-                           {"output_index": index, "item": item | {"status": "in_progress", "arguments": ""}}))
-            events += [("response.function_call_arguments.delta", where | {"delta": piece})
-                       for piece in thirds(item["arguments"])]
-            events.append(("response.function_call_arguments.done",
-                           where | {"name": item["name"], "arguments": item["arguments"]}))
+            events.append(
+                (
+                    "response.output_item.added",
+                    {
+                        "output_index": index,
+                        "item": item | {"status": "in_progress", "arguments": ""},
+                    },
+                )
+            )
+            events += [
+                ("response.function_call_arguments.delta", where | {"delta": piece})
+                for piece in thirds(item["arguments"])
+            ]
+            events.append(
+                (
+                    "response.function_call_arguments.done",
+                    where | {"name": item["name"], "arguments": item["arguments"]},
+                )
+            )
         else:
-            events.append(("response.output_item.added",
-                           {"output_index": index, "item": item | {"status": "in_progress", "content": []}}))
+            events.append(
+                (
+                    "response.output_item.added",
+                    {
+                        "output_index": index,
+                        "item": item | {"status": "in_progress", "content": []},
+                    },
+                )
+            )
             for content_index, part in enumerate(item["content"]):
                 at = where | {"content_index": content_index}
                 events.append(("response.content_part.added", at | {"part": part | {"text": ""}}))
-                events += [("response.output_text.delta", at | {"delta": word, "logprobs": []})
-                           for word in words(part["text"])]
-                events.append(("response.output_text.done", at | {"text": part["text"], "logprobs": []}))
+                events += [
+                    ("response.output_text.delta", at | {"delta": word, "logprobs": []})
+                    for word in words(part["text"])
+                ]
+                events.append(
+                    ("response.output_text.done", at | {"text": part["text"], "logprobs": []})
+                )
                 events.append(("response.content_part.done", at | {"part": part}))
         events.append(("response.output_item.done", {"output_index": index, "item": item}))
-    events.append((TERMINAL_EVENTS.get(response["status"], "response.failed"), {"response": response}))
-    return [{"type": name, "sequence_number": number, **fields} for number, (name, fields) in enumerate(events)]
+    events.append(
+        (TERMINAL_EVENTS.get(response["status"], "response.failed"), {"response": response})
+    )
+    return [
+        {"type": name, "sequence_number": number, **fields}
+        for number, (name, fields) in enumerate(events)
+    ]
 
 
 def event_frame(event: dict) -> bytes:
@@ -304,19 +403,26 @@ def event_frame(event: dict) -> bytes:
 
 
 def items_page(items: list[dict], query: dict[str, str]) -> dict:
-    """A page of input items (O#ResponseItemList) for `limit`, `order` (default desc), `after` and `before`."""
+    """A page of input items (O#ResponseItemList) by `limit`, `order` (desc), `after`, `before`."""
     limit = query.get("limit", str(ITEMS_PAGE))
     if not limit.isdigit() or not 1 <= int(limit) <= ITEMS_PAGE_MAX:
-        raise bad_request(f"Invalid 'limit': expected an integer from 1 to {ITEMS_PAGE_MAX}, got {limit!r}.", "limit")
+        raise bad_request(
+            f"Invalid 'limit': expected an integer from 1 to {ITEMS_PAGE_MAX}, got {limit!r}.",
+            "limit",
+        )
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise bad_request(f"Invalid 'order': expected 'asc' or 'desc', got {order!r}.", "order")
     ordered = items if order == "asc" else items[::-1]
     for cursor in ("after", "before"):
         if cursor in query:
-            at = next((index for index, item in enumerate(ordered) if item["id"] == query[cursor]), None)
+            at = next(
+                (index for index, item in enumerate(ordered) if item["id"] == query[cursor]), None
+            )
             if at is None:
-                raise bad_request(f"Invalid '{cursor}': no input item has id {query[cursor]!r}.", cursor)
+                raise bad_request(
+                    f"Invalid '{cursor}': no input item has id {query[cursor]!r}.", cursor
+                )
             ordered = ordered[at + 1 :] if cursor == "after" else ordered[:at]
     page = ordered[: int(limit)]
     return {

@@ -31,7 +31,9 @@ WEATHER = {
 
 
 def v1_client(emulator: AzureEmulator, **options: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=emulator.url + "/openai/v1/", api_key=EMULATOR_KEY, max_retries=0, **options)
+    return openai.AsyncOpenAI(
+        base_url=emulator.url + "/openai/v1/", api_key=EMULATOR_KEY, max_retries=0, **options
+    )
 
 
 def dated_client(emulator: AzureEmulator, version: str = PREVIEW) -> openai.AsyncAzureOpenAI:
@@ -49,14 +51,19 @@ def http(io_loop: Any) -> Any:
 
 @pytest.fixture
 def keep_alive(io_loop: Any) -> Any:
-    """Our keep-alive client, which reports a reset as an error (Tornado's simple client logs it)."""
+    """Our keep-alive client: it reports a reset as an error (Tornado's simple client logs it)."""
     client = KeepAliveHTTPClient(force_instance=True)
     yield client
     client.close()
 
 
 async def raw(
-    http: AsyncHTTPClient, emulator: AzureEmulator, method: str, path: str, body: Any = None, **headers: str
+    http: AsyncHTTPClient,
+    emulator: AzureEmulator,
+    method: str,
+    path: str,
+    body: Any = None,
+    **headers: str,
 ) -> HTTPResponse:
     return await http.fetch(
         emulator.url + path,
@@ -69,7 +76,7 @@ async def raw(
 
 
 def sse(body: bytes) -> list[dict]:
-    """Split a Responses stream into its events, checking each `event:` line names its data's type."""
+    """Split a Responses stream into events, checking each `event:` line names its data's type."""
     assert body.endswith(b"\n\n")
     events = []
     for frame in body.decode().split("\n\n")[:-1]:
@@ -86,13 +93,17 @@ def sse(body: bytes) -> list[dict]:
 @pytest.mark.gen_test
 async def test_create_answers_the_echo_with_word_usage(emulator):
     async with v1_client(emulator) as client:
-        response = await client.responses.create(model=DEPLOYMENT, input="hello there", instructions="Be brief.")
+        response = await client.responses.create(
+            model=DEPLOYMENT, input="hello there", instructions="Be brief."
+        )
     assert response.id.startswith("resp_") and response.object == "response"
     assert response.status == "completed" and response.error is None
     assert response.model == emulator.model
     assert response.output_text == "You said: hello there"
     [message] = response.output
-    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    assert (
+        message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    )
     assert message.content[0].text == "You said: hello there"
     usage = response.usage
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (4, 4, 8)
@@ -102,13 +113,20 @@ async def test_create_answers_the_echo_with_word_usage(emulator):
     assert (record.method, record.path, record.query) == ("POST", "/openai/v1/responses", {})
     assert (record.operation, record.deployment) == ("responses.create", DEPLOYMENT)
     assert record.headers["authorization"] == f"Bearer {EMULATOR_KEY}"
-    assert json.loads(record.response_body)["output_text"] == "You said: hello there"  # Azure sends it on the wire
+    assert (
+        json.loads(record.response_body)["output_text"] == "You said: hello there"
+    )  # Azure sends it on the wire
 
 
 @pytest.mark.gen_test
 async def test_stream_events_follow_the_protocol_order(emulator, http):
-    response = await raw(http, emulator, "POST", "/openai/v1/responses",
-                         {"model": DEPLOYMENT, "input": "stream this", "stream": True})  # fmt: skip
+    response = await raw(
+        http,
+        emulator,
+        "POST",
+        "/openai/v1/responses",
+        {"model": DEPLOYMENT, "input": "stream this", "stream": True},
+    )
     assert response.code == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     assert b"[DONE]" not in response.body
@@ -117,12 +135,20 @@ async def test_stream_events_follow_the_protocol_order(emulator, http):
     deltas = [event["delta"] for event in events if event["type"] == "response.output_text.delta"]
     assert deltas == ["You", " said:", " stream", " this"]
     assert [event["type"] for event in events] == [
-        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
         *["response.output_text.delta"] * 4,
-        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed",
-    ]  # fmt: skip
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     created, completed = events[0]["response"], events[-1]["response"]
-    assert created["status"] == "in_progress" and created["output"] == [] and created["usage"] is None
+    assert (
+        created["status"] == "in_progress" and created["output"] == [] and created["usage"] is None
+    )
     assert completed["id"] == created["id"] and completed["status"] == "completed"
     assert completed["usage"]["input_tokens"] == 2 and completed["usage"]["output_tokens"] == 4
     item_id = events[2]["item"]["id"]
@@ -136,7 +162,9 @@ async def test_sdk_stream_and_stream_helper_assemble_the_text(emulator):
         stream = await client.responses.create(model=DEPLOYMENT, input="one two three", stream=True)
         events = [event async for event in stream]
         async with client.responses.stream(model=DEPLOYMENT, input="helper text") as helper:
-            helper_deltas = [event.delta async for event in helper if event.type == "response.output_text.delta"]
+            helper_deltas = [
+                event.delta async for event in helper if event.type == "response.output_text.delta"
+            ]
             final = await helper.get_final_response()
     text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
     assert text == "You said: one two three" == events[-1].response.output_text
@@ -150,7 +178,10 @@ async def test_max_output_tokens_cuts_the_answer_as_incomplete(emulator):
     text = " ".join(f"w{index}" for index in range(20))
     async with v1_client(emulator) as client:
         response = await client.responses.create(model=DEPLOYMENT, input=text, max_output_tokens=16)
-    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert (
+        response.status == "incomplete"
+        and response.incomplete_details.reason == "max_output_tokens"
+    )
     assert response.usage.output_tokens == 16
     assert response.output_text == "You said: " + " ".join(f"w{index}" for index in range(14))
 
@@ -174,7 +205,10 @@ async def test_retrieve_input_items_and_delete(emulator, http):
         assert emulator.requests[-1].operation == "responses.retrieve"
         assert emulator.requests[-1].deployment == DEPLOYMENT
 
-        items = [item async for item in client.responses.input_items.list(created.id, limit=3, order="asc")]
+        items = [
+            item
+            async for item in client.responses.input_items.list(created.id, limit=3, order="asc")
+        ]
         assert len(emulator.requests) == 4  # two pages of at most three
         assert [item.role for item in items] == ["developer", "user", "assistant", "user"]
         assert all(item.id for item in items) and len({item.id for item in items}) == 4
@@ -188,10 +222,16 @@ async def test_retrieve_input_items_and_delete(emulator, http):
             await client.responses.retrieve(created.id)
     assert missing.value.body["message"] == f"Response with id '{created.id}' not found."
 
-    again = await raw(http, emulator, "POST", "/openai/v1/responses", {"model": DEPLOYMENT, "input": "x"})
+    again = await raw(
+        http, emulator, "POST", "/openai/v1/responses", {"model": DEPLOYMENT, "input": "x"}
+    )
     response_id = json.loads(again.body)["id"]
     deleted = await raw(http, emulator, "DELETE", f"/openai/v1/responses/{response_id}")
-    assert json.loads(deleted.body) == {"object": "response.deleted", "id": response_id, "deleted": True}
+    assert json.loads(deleted.body) == {
+        "object": "response.deleted",
+        "id": response_id,
+        "deleted": True,
+    }
     assert (await raw(http, emulator, "DELETE", f"/openai/v1/responses/{response_id}")).code == 404
 
 
@@ -202,11 +242,15 @@ async def test_previous_response_id_is_known_only_to_the_instance_that_made_it(e
     try:
         async with v1_client(emulator) as client, v1_client(other) as elsewhere:
             first = await client.responses.create(model=DEPLOYMENT, input="one two")
-            follow_up = await client.responses.create(model=DEPLOYMENT, input="three", previous_response_id=first.id)
+            follow_up = await client.responses.create(
+                model=DEPLOYMENT, input="three", previous_response_id=first.id
+            )
             # The follow-up reads the whole conversation: 2 + 4 tokens before, 1 now.
             assert follow_up.usage.input_tokens == 7 and follow_up.previous_response_id == first.id
             with pytest.raises(openai.BadRequestError) as refused:
-                await elsewhere.responses.create(model=DEPLOYMENT, input="three", previous_response_id=first.id)
+                await elsewhere.responses.create(
+                    model=DEPLOYMENT, input="three", previous_response_id=first.id
+                )
             with pytest.raises(openai.NotFoundError):
                 await elsewhere.responses.retrieve(first.id)
     finally:
@@ -225,13 +269,17 @@ async def test_store_false_responses_are_not_kept(emulator):
     async with v1_client(emulator) as client:
         unstored = await client.responses.create(model=DEPLOYMENT, input="forget me", store=False)
         assert unstored.store is False and unstored.output_text == "You said: forget me"
-        streamed = await client.responses.create(model=DEPLOYMENT, input="me too", store=False, stream=True)
+        streamed = await client.responses.create(
+            model=DEPLOYMENT, input="me too", store=False, stream=True
+        )
         streamed_id = [event async for event in streamed][0].response.id
         for response_id in (unstored.id, streamed_id):
             with pytest.raises(openai.NotFoundError):
                 await client.responses.retrieve(response_id)
         with pytest.raises(openai.BadRequestError) as refused:
-            await client.responses.create(model=DEPLOYMENT, input="x", previous_response_id=unstored.id)
+            await client.responses.create(
+                model=DEPLOYMENT, input="x", previous_response_id=unstored.id
+            )
     assert refused.value.code == "previous_response_not_found"
 
 
@@ -243,7 +291,9 @@ async def test_background_responses_run_and_can_be_cancelled(emulator):
         await asyncio.wait_for(emulator.stored_responses.get(queued.id).settled.wait(), 5)
         done = await client.responses.retrieve(queued.id)
         assert done.status == "completed" and done.output_text == "You said: later"
-        assert (await client.responses.cancel(queued.id)).status == "completed"  # cancelling a finished one: idempotent
+        assert (
+            await client.responses.cancel(queued.id)
+        ).status == "completed"  # cancelling a finished one: idempotent
 
         emulator.add_fault(Fault(hang=True))  # a run that never ends by itself
         running = await client.responses.create(model=DEPLOYMENT, input="forever", background=True)
@@ -285,9 +335,15 @@ class Weather(BaseModel):
 @pytest.mark.gen_test
 async def test_auto_tool_call_then_the_answer_after_its_result(emulator):
     async with v1_client(emulator) as client:
-        call = await client.responses.create(model=DEPLOYMENT, input="weather in Paris", tools=[WEATHER])
+        call = await client.responses.create(
+            model=DEPLOYMENT, input="weather in Paris", tools=[WEATHER]
+        )
         [item] = call.output
-        assert item.type == "function_call" and item.name == "get_weather" and item.call_id.startswith("call_")
+        assert (
+            item.type == "function_call"
+            and item.name == "get_weather"
+            and item.call_id.startswith("call_")
+        )
         arguments = json.loads(item.arguments)
         jsonschema.validate(arguments, WEATHER["parameters"])
         assert arguments == {"city": "weather in Paris", "unit": "c"}
@@ -298,15 +354,23 @@ async def test_auto_tool_call_then_the_answer_after_its_result(emulator):
             model=DEPLOYMENT, input=[result], tools=[WEATHER], previous_response_id=call.id
         )
         assert answer.output_text == "You said: sunny" and answer.output[0].type == "message"
-        none = await client.responses.create(model=DEPLOYMENT, input="x", tools=[WEATHER], tool_choice="none")
+        none = await client.responses.create(
+            model=DEPLOYMENT, input="x", tools=[WEATHER], tool_choice="none"
+        )
         assert none.output_text == "You said: x"
 
         async with client.responses.stream(
-            model=DEPLOYMENT, input="Rome", tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"}
+            model=DEPLOYMENT,
+            input="Rome",
+            tools=[WEATHER],
+            tool_choice={"type": "function", "name": "get_weather"},
         ) as stream:
             kinds = [event.type async for event in stream]
             final = await stream.get_final_response()
-    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+    assert (
+        "response.function_call_arguments.delta" in kinds
+        and "response.function_call_arguments.done" in kinds
+    )
     assert json.loads(final.output[0].arguments) == {"city": "Rome", "unit": "c"}
 
 
@@ -314,7 +378,9 @@ async def test_auto_tool_call_then_the_answer_after_its_result(emulator):
 async def test_parse_with_a_text_format_model(emulator):
     async with v1_client(emulator) as client:
         parsed = await client.responses.parse(model=DEPLOYMENT, input="Oslo", text_format=Weather)
-        async with client.responses.stream(model=DEPLOYMENT, input="Bergen", text_format=Weather) as stream:
+        async with client.responses.stream(
+            model=DEPLOYMENT, input="Bergen", text_format=Weather
+        ) as stream:
             streamed = await stream.get_final_response()
     assert parsed.output_parsed == Weather(city="Oslo", unit="Oslo", days=0)
     assert streamed.output_parsed == Weather(city="Bergen", unit="Bergen", days=0)
@@ -328,9 +394,14 @@ async def test_dated_responses_paths_take_preview_versions(emulator, http):
     async with dated_client(emulator) as client:
         created = await client.responses.create(model=DEPLOYMENT, input="dated")
         assert (await client.responses.retrieve(created.id)).output_text == "You said: dated"
-        assert [item.content[0].text async for item in client.responses.input_items.list(created.id)] == ["dated"]
+        assert [
+            item.content[0].text async for item in client.responses.input_items.list(created.id)
+        ] == ["dated"]
         await client.responses.delete(created.id)
-    paths = [(record.method, record.path, record.query.get("api-version")) for record in emulator.requests]
+    paths = [
+        (record.method, record.path, record.query.get("api-version"))
+        for record in emulator.requests
+    ]
     assert paths == [
         ("POST", "/openai/responses", PREVIEW),
         ("GET", f"/openai/responses/{created.id}", PREVIEW),
@@ -343,7 +414,11 @@ async def test_dated_responses_paths_take_preview_versions(emulator, http):
         assert response.code == 404 and json.loads(response.body)["error"]["code"] == "404"
     for query in ("?api-version=v1", "?api-version=preview"):
         assert (await raw(http, emulator, "POST", "/openai/v1/responses" + query, body)).code == 200
-    assert (await raw(http, emulator, "POST", "/openai/v1/responses?api-version=2025-04-01-preview", body)).code == 404
+    assert (
+        await raw(
+            http, emulator, "POST", "/openai/v1/responses?api-version=2025-04-01-preview", body
+        )
+    ).code == 404
 
 
 @pytest.mark.gen_test
@@ -351,7 +426,9 @@ async def test_credentials(emulator, http):
     body = {"model": DEPLOYMENT, "input": "x"}
     bearer = {"api-key": "", "Authorization": f"Bearer {EMULATOR_KEY}"}
     assert (await raw(http, emulator, "POST", "/openai/v1/responses", body, **bearer)).code == 200
-    dated = await raw(http, emulator, "POST", f"/openai/responses?api-version={PREVIEW}", body, **bearer)
+    dated = await raw(
+        http, emulator, "POST", f"/openai/responses?api-version={PREVIEW}", body, **bearer
+    )
     assert dated.code == 401 and json.loads(dated.body)["error"]["code"] == "401"
     wrong = await raw(http, emulator, "GET", "/openai/v1/responses/resp_x", **{"api-key": "wrong"})
     assert wrong.code == 401
@@ -368,20 +445,39 @@ async def test_refusals_name_the_field(emulator, http):
     code, error = await create({"model": "nope", "input": "x"})
     assert (code, error["code"]) == (404, "DeploymentNotFound")
     assert emulator.requests[-1].deployment == "nope"
-    code, error = await create({"model": DEPLOYMENT, "input": "x", "stream": True,
-                                "stream_options": {"include_usage": True}})  # fmt: skip
-    assert (code, error["code"], error["param"]) == (400, "unknown_parameter", "stream_options.include_usage")
+    code, error = await create(
+        {
+            "model": DEPLOYMENT,
+            "input": "x",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert (code, error["code"], error["param"]) == (
+        400,
+        "unknown_parameter",
+        "stream_options.include_usage",
+    )
     assert error["message"] == "Unknown parameter: 'stream_options.include_usage'."
     code, error = await create({"model": DEPLOYMENT, "input": "x", "max_output_tokens": 5})
     assert (code, error["param"]) == (400, "max_output_tokens")
     code, error = await create({"model": DEPLOYMENT, "input": 5})
     assert (code, error["param"]) == (400, "input")
-    response = await raw(http, emulator, "GET", "/openai/v1/responses/resp_missing/input_items?limit=0")
+    response = await raw(
+        http, emulator, "GET", "/openai/v1/responses/resp_missing/input_items?limit=0"
+    )
     assert response.code == 404
-    created = json.loads((await raw(http, emulator, "POST", "/openai/v1/responses",
-                                    {"model": DEPLOYMENT, "input": "x"})).body)  # fmt: skip
+    created = json.loads(
+        (
+            await raw(
+                http, emulator, "POST", "/openai/v1/responses", {"model": DEPLOYMENT, "input": "x"}
+            )
+        ).body
+    )
     for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=msg_nope", "after")):
-        response = await raw(http, emulator, "GET", f"/openai/v1/responses/{created['id']}/input_items?{query}")
+        response = await raw(
+            http, emulator, "GET", f"/openai/v1/responses/{created['id']}/input_items?{query}"
+        )
         assert response.code == 400 and json.loads(response.body)["error"]["param"] == param
 
 
@@ -397,8 +493,11 @@ async def test_faults_apply_to_every_responses_operation(emulator, http):
         with pytest.raises(openai.RateLimitError) as limited:
             await client.responses.create(model=DEPLOYMENT, input="x")
         assert limited.value.response.headers["retry-after-ms"] == "1000"
-        for call in (client.responses.retrieve(created.id), client.responses.input_items.list(created.id),
-                     client.responses.delete(created.id)):  # fmt: skip
+        for call in (
+            client.responses.retrieve(created.id),
+            client.responses.input_items.list(created.id),
+            client.responses.delete(created.id),
+        ):
             with pytest.raises(openai.InternalServerError):
                 await call
         assert created.id in emulator.stored_responses  # the failed delete deleted nothing
@@ -413,27 +512,53 @@ async def test_a_stream_reset_mid_way_leaves_a_failed_response(emulator, keep_al
     received: list[bytes] = []
     with pytest.raises(HTTPClientError, match="reset"):
         await keep_alive.fetch(
-            emulator.url + "/openai/v1/responses", method="POST", streaming_callback=received.append,
+            emulator.url + "/openai/v1/responses",
+            method="POST",
+            streaming_callback=received.append,
             body=json.dumps({"model": DEPLOYMENT, "input": "cut me", "stream": True}),
             headers={"api-key": EMULATOR_KEY},
-        )  # fmt: skip
+        )
     events = sse(b"".join(received))
-    assert [event["type"] for event in events] == ["response.created", "response.in_progress",
-                                                   "response.output_item.added"]  # fmt: skip
+    assert [event["type"] for event in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ]
     stored = emulator.stored_responses.get(events[0]["response"]["id"])
     await asyncio.wait_for(stored.settled.wait(), 5)
-    assert stored.response["status"] == "failed" and stored.response["error"]["code"] == "server_error"
+    assert (
+        stored.response["status"] == "failed" and stored.response["error"]["code"] == "server_error"
+    )
 
     emulator.add_fault(Fault(chunk_gap=30))
     first = asyncio.Event()
-    request = asyncio.ensure_future(keep_alive.fetch(
-        emulator.url + "/openai/v1/responses", method="POST", streaming_callback=lambda chunk: first.set(),
-        body=json.dumps({"model": DEPLOYMENT, "input": "slow", "stream": True}), headers={"api-key": EMULATOR_KEY},
-        request_timeout=0.5,
-    ))  # fmt: skip
+    request = asyncio.ensure_future(
+        keep_alive.fetch(
+            emulator.url + "/openai/v1/responses",
+            method="POST",
+            streaming_callback=lambda chunk: first.set(),
+            body=json.dumps({"model": DEPLOYMENT, "input": "slow", "stream": True}),
+            headers={"api-key": EMULATOR_KEY},
+            request_timeout=0.5,
+        )
+    )
     await asyncio.wait_for(first.wait(), 5)
     with pytest.raises(HTTPClientError):
         await request
-    stored = emulator.stored_responses.get(sse(emulator.requests[-1].response_body)[0]["response"]["id"])
+    stored = emulator.stored_responses.get(
+        sse(emulator.requests[-1].response_body)[0]["response"]["id"]
+    )
     await asyncio.wait_for(stored.settled.wait(), 5)
     assert stored.response["status"] == "cancelled"
+
+
+@pytest.mark.gen_test
+async def test_a_background_stream_is_streamed(emulator):
+    async with v1_client(emulator) as client:
+        stream = await client.responses.create(
+            model=DEPLOYMENT, input="bg", background=True, stream=True
+        )
+        events = [event async for event in stream]
+        assert events[-1].type == "response.completed" and events[-1].response.background is True
+        cancelled = await client.responses.cancel(events[-1].response.id)
+    assert cancelled.status == "completed"  # it had finished: cancelling returns the final response
