@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from emulator.azure import (  # noqa: E402  (needs ROOT on sys.path)
+from emulator.chat import (  # noqa: E402  (needs ROOT on sys.path)
     completion_body,
     plan_choices,
     stream_payloads,

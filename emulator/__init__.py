@@ -4,6 +4,8 @@ A development tool, not part of the gateway: nothing under `gateway/` or
 `handlers/` imports it; only `server.py --emulator` starts it.
 """
 
-from .azure import AzureEmulator, Fault, words
+from .answers import words
+from .azure import AzureEmulator
+from .faults import Fault
 
 __all__ = ["AzureEmulator", "Fault", "words"]

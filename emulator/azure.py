@@ -1,13 +1,24 @@
-"""An Azure OpenAI chat-completions emulator: a fake upstream on a real socket.
+"""The Azure OpenAI emulator: a fake Azure OpenAI resource on a real socket.
 
 Tests, the benchmark and `python server.py --emulator` talk to it as they would
-to Azure (PROTOCOL.md): same URL, auth, bodies, stream events and error bodies.
-Answers are deterministic echoes of the last user message and one word is one
-token, so a test can predict every byte.
+to Azure (PROTOCOL.md, PROTOCOL-v1.md): same URLs, auth, bodies, stream events
+and error bodies. It serves chat completions, the Responses API and embeddings
+on both URL families, and the v1 model list:
+
+- dated: `/openai/deployments/{d}/chat/completions` and `/openai/deployments/{d}/embeddings`
+  (`api-version` required), `/openai/responses` and its `/{id}` forms (`api-version` a
+  preview date, 2025-03-01-preview or later);
+- v1: `/openai/v1/chat/completions`, `/openai/v1/embeddings`, `/openai/v1/responses` and
+  its `/{id}`, `/{id}/cancel`, `/{id}/input_items` forms, `/openai/v1/models[/{id}]`
+  (`api-version` optional: `v1` or `preview`).
+
+The deployment is the path's `{d}` on dated chat and embeddings, and the body's
+`model` everywhere else. Every deployment serves every operation. Answers are
+deterministic (see `answers`), so a test can predict every byte.
 
 Failures are injected as `Fault`s, queued on the instance (or over HTTP at
-`/_emulator/faults`) and taken first in, first out by chat requests that pass
-validation. Every chat request, rejected ones included, is kept in `requests`,
+`/_emulator/faults`) and taken first in, first out by API requests that pass
+validation. Every API request, rejected ones included, is kept in `requests`,
 so a test can check what the gateway sent and whether it hung up. All state
 lives on the `AzureEmulator` instance: tests may run as many as they like.
 """
@@ -17,322 +28,67 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import re
 import socket
 import struct
-import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field, fields
-from types import MappingProxyType
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from tornado.httpserver import HTTPServer
-from tornado.httputil import HTTPServerRequest, responses
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
-from tornado.web import Application, HTTPError, RequestHandler
+from tornado.web import Application, RequestHandler
 
-SYSTEM_FINGERPRINT = "fp_emulator"
-FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+from .chat import check_chat_request, completion_body, plan_choices, stream_payloads
+from .embeddings import check_embeddings_request, embeddings_body
+from .errors import (
+    ErrorAnswer,
+    azure_error,
+    bad_request,
+    deployment_not_found,
+    model_not_found,
+    resource_not_found,
+)
+from .faults import Fault
+from .responses import (
+    ACTIVE,
+    ResponseStore,
+    StoredResponse,
+    check_response_request,
+    event_frame,
+    input_items,
+    input_tokens,
+    items_page,
+    new_id,
+    output_items,
+    plan_turn,
+    response_object,
+    response_usage,
+    stream_events,
+    unfinished,
+)
+
 SECRET_HEADERS = ("api-key", "authorization")  # hidden by GET /_emulator/requests
-DEFAULT_RETRY_AFTER = 1  # seconds, for a rate_limit fault that names none
-KIND_STATUS = MappingProxyType(
-    {"rate_limit": 429, "content_filter": 400, "server_error": 500, "unavailable": 503, "timeout": 408}
+V1_VERSIONS = ("v1", "preview")
+RESPONSES_PREVIEW = re.compile(r"\d{4}-\d{2}-\d{2}-preview")
+FIRST_RESPONSES_PREVIEW = (
+    "2025-03-01-preview"  # no GA dated version has /responses (PROTOCOL-v1.md section 1)
 )
-WORD = re.compile(r"\s*\S+(?:\s+\Z)?")  # a word with the whitespace before it (and any trailing)
-
-ACCESS_DENIED = (
-    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
-    "for an active subscription and use a correct regional API endpoint for your resource."
+MODEL_CREATED = (
+    1_700_000_000  # `created` of every listed model: a fixed time keeps answers predictable
 )
-DEPLOYMENT_NOT_FOUND = (
-    "The API deployment for this resource does not exist. If you created the deployment within the last "
-    "5 minutes, please wait a moment and try again."
-)
-RATE_LIMITED = (
-    "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded "
-    "token rate limit of your current OpenAI S0 pricing tier. Please retry after {seconds} seconds. Please go "
-    "here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
-)
-CONTENT_FILTERED = (
-    "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
-    "Please modify your prompt and retry."
-)
+DEFAULT_EMBEDDING_DIMENSIONS = 1536  # text-embedding-3-small
 
 log = logging.getLogger(__name__)
 
 
-def azure_error(status: int, *, seconds: int = DEFAULT_RETRY_AFTER) -> dict:
-    """Return the body Azure answers `status` with (PROTOCOL.md section 5), built afresh each call."""
-    server_error = {"type": "server_error", "param": None, "code": None}
-    known = {
-        400: invalid_request("The request is invalid.", None)["error"],
-        401: {"code": "401", "message": ACCESS_DENIED},
-        404: {"code": "404", "message": "Resource not found"},
-        408: {"code": "Timeout", "message": "The operation was timeout."},
-        429: {"code": "429", "message": RATE_LIMITED.format(seconds=seconds)},
-        500: {"message": "The server had an error processing your request. Sorry about that!", **server_error},
-        503: {"message": "The service is temporarily unable to process your request.", **server_error},
-    }
-    return {"error": known.get(status) or {"code": str(status), "message": responses.get(status, "Error")}}
-
-
-def invalid_request(message: str, param: str | None) -> dict:
-    """Return the OpenAI-style 400 body Azure uses for a body it cannot accept."""
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
-
-
-def filter_results(*detectors: str) -> dict:
-    """Return content filter results with every category safe and nothing detected."""
-    safe: dict = {name: {"filtered": False, "severity": "safe"} for name in FILTER_CATEGORIES}
-    return safe | {name: {"filtered": False, "detected": False} for name in detectors}
-
-
-def prompt_filter_results() -> list[dict]:
-    return [{"prompt_index": 0, "content_filter_results": filter_results("jailbreak")}]
-
-
-@dataclass
-class Fault:
-    """One injected failure, applied to the next `times` chat requests (FIFO queue).
-
-    `kind` presets (rate_limit, content_filter, server_error, unavailable,
-    timeout) fill in the status, headers and body they imply and leave alone
-    whatever is given; a `status` without a `body` gets Azure's body for it.
-    """
-
-    status: int | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    body: dict | None = None
-    kind: str | None = None
-    delay: float = 0.0
-    chunk_gap: float = 0.0
-    reset_after: int | None = None
-    hang: bool = False
-    times: int = 1
-
-    def __post_init__(self) -> None:
-        if self.kind is not None and self.kind not in KIND_STATUS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; known kinds: {', '.join(KIND_STATUS)}")
-        if not all(isinstance(value, (int, float)) and value >= 0 for value in (self.delay, self.chunk_gap)):
-            raise ValueError("fault delay and chunk_gap must be numbers of seconds, not negative")
-        if self.reset_after is not None and not (isinstance(self.reset_after, int) and self.reset_after >= 0):
-            raise ValueError(f"fault reset_after must be an event count, not {self.reset_after!r}")
-        if not isinstance(self.times, int) or self.times < 1:
-            raise ValueError(f"fault times must be a positive integer, not {self.times!r}")
-        self.headers = {name.lower(): str(value) for name, value in self.headers.items()}
-        seconds = DEFAULT_RETRY_AFTER
-        if self.kind == "rate_limit":
-            # Keep the two headers (and the body's advice) consistent when only one is given.
-            millis = self.headers.get("retry-after-ms")
-            seconds = int(self.headers.get("retry-after") or (math.ceil(int(millis) / 1000) if millis else seconds))
-            self.headers = {"retry-after": str(seconds), "retry-after-ms": str(seconds * 1000)} | self.headers
-        if self.kind == "content_filter" and self.body is None:
-            filtered = filter_results("jailbreak") | {"violence": {"filtered": True, "severity": "medium"}}
-            self.body = {"error": {
-                "message": CONTENT_FILTERED, "type": None, "param": "prompt", "code": "content_filter", "status": 400,
-                "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": filtered},
-            }}
-        if self.kind is not None and self.status is None:
-            self.status = KIND_STATUS[self.kind]
-        if self.status is not None and self.body is None:
-            self.body = azure_error(self.status, seconds=seconds)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> Fault:
-        """Build a fault from a JSON object; raise ValueError naming an unknown key."""
-        if not isinstance(obj, dict):
-            raise ValueError("a fault must be a JSON object")
-        known = [f.name for f in fields(cls)]
-        for key in obj:
-            if key not in known:
-                raise ValueError(f"unknown fault key {key!r}; known keys: {', '.join(known)}")
-        try:
-            return cls(**obj)
-        except (TypeError, AttributeError) as error:
-            raise ValueError(f"invalid fault {obj!r}: {error}") from None
-
-
-class Choice(NamedTuple):
-    """What one choice says: `content`, or a call of `function` with `arguments`."""
-
-    content: str | None
-    finish_reason: str
-    function: str | None = None
-    arguments: str = ""
-    legacy: bool = False  # a `function_call` (deprecated API) rather than `tool_calls`
-
-
-def words(text: str | None) -> list[str]:
-    """Split text into its tokens (words); they join back into exactly the text."""
-    return WORD.findall(text or "")
-
-
-def message_text(content: Any) -> str:
-    """Return a message's text, whether its `content` is a string or a list of parts."""
-    if isinstance(content, list):
-        texts = (part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text")
-        return " ".join(text for text in texts if isinstance(text, str))
-    return content if isinstance(content, str) else ""
-
-
-def forced_function(request: dict) -> tuple[str, bool] | None:
-    """Name the function the request forces a call of, and whether through the legacy API."""
-    tools, tool_choice, function_call = request.get("tools"), request.get("tool_choice"), request.get("function_call")
-    if tools and tool_choice == "required":
-        return tools[0]["function"]["name"], False
-    if tools and isinstance(tool_choice, dict):
-        return tool_choice["function"]["name"], False
-    if request.get("functions") and isinstance(function_call, dict):
-        return function_call["name"], True
-    return None
-
-
-def plan_choices(request: dict) -> list[Choice]:
-    """Decide every choice of the answer to a valid request."""
-    users = [message for message in request["messages"] if message.get("role") == "user"]
-    text = message_text(users[-1].get("content")) if users else ""
-    forced = forced_function(request)
-    json_mode = (request.get("response_format") or {}).get("type") in ("json_object", "json_schema")
-    limit = request.get("max_completion_tokens") or request.get("max_tokens")
-    choices = []
-    for index in range(request.get("n") or 1):
-        if forced:
-            reason = "function_call" if forced[1] else "tool_calls"
-            choices.append(Choice(None, reason, forced[0], json.dumps({"echo": text}), forced[1]))
-            continue
-        content = json.dumps({"echo": text}) if json_mode else f"You said{f' ({index})' if index else ''}: {text}"
-        if limit and len(words(content)) > limit:
-            choices.append(Choice("".join(words(content)[:limit]), "length"))
-        else:
-            choices.append(Choice(content, "stop"))
-    return choices
-
-
-def usage(request: dict, choices: list[Choice]) -> dict:
-    prompt = sum(len(words(message_text(message.get("content")))) for message in request["messages"])
-    completion = sum(len(words(choice.arguments if choice.function else choice.content)) for choice in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def completion_body(request: dict, choices: list[Choice], completion_id: str, model: str) -> dict:
-    """Return the non-stream chat.completion answer (PROTOCOL.md section 3)."""
-
-    def message(index: int, choice: Choice) -> dict:
-        body: dict[str, Any] = {"role": "assistant", "content": choice.content, "refusal": None}
-        call = {"name": choice.function, "arguments": choice.arguments}
-        if choice.function is not None and choice.legacy:
-            body["function_call"] = call
-        elif choice.function is not None:
-            body["tool_calls"] = [{"id": f"call_{completion_id}_{index}", "type": "function", "function": call}]
-        return body
-
-    return {
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [
-            {"index": index, "message": message(index, choice), "logprobs": None, "finish_reason": choice.finish_reason,
-             "content_filter_results": filter_results("protected_material_code", "protected_material_text")}
-            for index, choice in enumerate(choices)
-        ],
-        "prompt_filter_results": prompt_filter_results(),
-        "usage": usage(request, choices),
-    }
-
-
-def stream_payloads(
-    request: dict, choices: list[Choice], completion_id: str, model: str, *, async_filter: bool = False
-) -> list[str]:
-    """Return the `data:` payloads of the streamed answer, ending with [DONE] (PROTOCOL.md section 4).
-
-    With `async_filter`, as on deployments with asynchronous content filtering,
-    an annotation event (empty id, `content_filter_offsets`, no `delta`)
-    follows every second content chunk.
-    """
-    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-    head = {"created": int(time.time()), "id": completion_id, "model": model, "object": "chat.completion.chunk",
-            "system_fingerprint": SYSTEM_FINGERPRINT} | ({"usage": None} if include_usage else {})
-    safe = filter_results("protected_material_code", "protected_material_text")
-
-    def chunk(index: int, delta: dict, finish_reason: str | None = None, filters: dict | None = None) -> dict:
-        return {"choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None,
-                             "content_filter_results": filters or {}}]} | head
-
-    chunks = [{"choices": [], "created": 0, "id": "", "model": "", "object": "",
-               "prompt_filter_results": prompt_filter_results()} | ({"usage": None} if include_usage else {})]
-    for index, choice in enumerate(choices):
-        chunks.append(chunk(index, {"role": "assistant", "content": "" if choice.function is None else None}))
-        if choice.function is None:
-            offset = 0
-            for count, word in enumerate(words(choice.content), start=1):
-                chunks.append(chunk(index, {"content": word}, filters=safe))
-                offset += len(word)
-                if async_filter and count % 2 == 0:
-                    chunks.append(annotation(index, offset, safe))
-        elif choice.legacy:
-            chunks.append(chunk(index, {"function_call": {"name": choice.function, "arguments": ""}}))
-            chunks += [chunk(index, {"function_call": {"arguments": piece}}) for piece in thirds(choice.arguments)]
-        else:
-            opening = {"index": 0, "id": f"call_{completion_id}_{index}", "type": "function",
-                       "function": {"name": choice.function, "arguments": ""}}
-            chunks.append(chunk(index, {"tool_calls": [opening]}))
-            chunks += [chunk(index, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-                       for piece in thirds(choice.arguments)]
-        chunks.append(chunk(index, {}, choice.finish_reason))
-    if include_usage:
-        chunks.append({"choices": []} | head | {"usage": usage(request, choices)})
-    return [json.dumps(chunk, separators=(",", ":")) for chunk in chunks] + ["[DONE]"]
-
-
-def annotation(index: int, offset: int, filters: dict) -> dict:
-    """An asynchronous-filter event: which part of the text was checked, and the verdict."""
-    return {
-        "choices": [{
-            "index": index,
-            "finish_reason": None,
-            "content_filter_results": filters,
-            "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": offset},
-        }],
-        "created": 0, "id": "", "model": "", "object": "",
-    }  # fmt: skip
-
-
-def thirds(text: str) -> list[str]:
-    """Cut text into three pieces (fewer if it is very short), as tool-call arguments are streamed."""
-    size = max(1, math.ceil(len(text) / 3))
-    return [text[start:start + size] for start in range(0, len(text), size)]
-
-
-def parse_chat_request(body: bytes) -> dict:
-    """Parse a chat request body; raise ErrorAnswer(400) where Azure would refuse it."""
-    try:
-        request = json.loads(body)
-    except ValueError:
-        raise ErrorAnswer(400, invalid_request("We could not parse the JSON body of your request.", None)) from None
-    messages = request.get("messages") if isinstance(request, dict) else None
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ErrorAnswer(400, invalid_request("'messages' is a required property", "messages"))
-    for name, high in (("n", 128), ("max_tokens", math.inf), ("max_completion_tokens", math.inf)):
-        value = request.get(name)
-        if value is not None and (type(value) is not int or not 1 <= value <= high):
-            raise ErrorAnswer(400, invalid_request(f"Invalid value for '{name}': {value!r}.", name))
-    return request
-
-
-class ErrorAnswer(HTTPError):
-    """An HTTP error answered with exactly this JSON body and these extra headers."""
-
-    def __init__(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status)
-        self.body = body
-        self.headers = headers or {}
-
-
 @dataclass
 class RecordedRequest:
-    """One chat request as the emulator received it, and how its answer ended."""
+    """One API request as the emulator received it, and how its answer ended."""
 
     method: str
     path: str
@@ -341,24 +97,47 @@ class RecordedRequest:
     body: bytes
     json: Any | None
     deployment: str | None
+    operation: str  # e.g. "chat.completions", "responses.create", "embeddings"
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)
     response_body: bytes = b""  # the body bytes the emulator wrote, without chunked framing
 
     @classmethod
-    def of(cls, request: HTTPServerRequest) -> RecordedRequest:
+    def of(cls, request: HTTPServerRequest, operation: str) -> RecordedRequest:
         try:
             parsed = json.loads(request.body)
         except ValueError:
             parsed = None
-        query = {name: values[-1].decode("utf-8", "replace") for name, values in request.query_arguments.items()}
+        query = {
+            name: values[-1].decode("utf-8", "replace")
+            for name, values in request.query_arguments.items()
+        }
         headers = {name.lower(): value for name, value in request.headers.items()}
-        return cls(request.method or "", request.path, query, headers, request.body, parsed, deployment=None)
+        return cls(
+            request.method or "",
+            request.path,
+            query,
+            headers,
+            request.body,
+            parsed,
+            None,
+            operation,
+        )
 
     def summary(self) -> dict:
         """Describe the request for GET /_emulator/requests, with the key hidden."""
-        headers = {name: "***" if name in SECRET_HEADERS else value for name, value in self.headers.items()}
-        return {"method": self.method, "path": self.path, "query": self.query, "headers": headers, "json": self.json}
+        headers = {
+            name: "***" if name in SECRET_HEADERS else value for name, value in self.headers.items()
+        }
+        return {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": headers,
+            "json": self.json,
+            "operation": self.operation,
+            "deployment": self.deployment,
+        }
 
 
 class EmulatorHandler(RequestHandler):
@@ -384,16 +163,26 @@ class ResourceNotFoundHandler(EmulatorHandler):
     """Answer any unknown path as Azure does."""
 
     def prepare(self) -> None:
-        raise ErrorAnswer(404, azure_error(404))
+        raise resource_not_found()
 
 
-class ChatCompletionsHandler(EmulatorHandler):
-    """POST /openai/deployments/{deployment}/chat/completions, with faults applied."""
+class ApiHandler(EmulatorHandler):
+    """One Azure API operation: access checks, faults, and answers written, streamed or dropped.
 
-    def initialize(self, emulator: AzureEmulator) -> None:
+    `v1` says which URL family the route belongs to; `operation` names what it
+    does in `RecordedRequest.operation`.
+    """
+
+    operation = ""
+    responses_api = False  # dated Responses paths take only preview api-versions
+
+    def initialize(  # type: ignore[override]
+        self, emulator: AzureEmulator, v1: bool = False
+    ) -> None:
         super().initialize(emulator)
+        self.v1 = v1
         # Here rather than in prepare(), so a request Tornado refuses before prepare() is kept too.
-        self.record = RecordedRequest.of(self.request)
+        self.record = RecordedRequest.of(self.request, self.operation)
         emulator.requests.append(self.record)
         self.aborted = False
         # stop() awaits this, so no handler is still running when the emulator's loop closes.
@@ -421,57 +210,89 @@ class ChatCompletionsHandler(EmulatorHandler):
         self.done.set_result(None)
         self.emulator._running.discard(self.done)
 
-    async def post(self, deployment: str) -> None:
+    def check_access(self) -> None:
+        """Refuse an api-version the path does not serve (404), then bad credentials (401)."""
+        version, versions = self.get_query_argument("api-version", None), self.emulator.api_versions
+        if self.v1:
+            served = version is None or version in V1_VERSIONS
+        elif version is None:
+            served = False
+        elif versions is not None:
+            served = version in versions
+        else:
+            served = not self.responses_api or (
+                RESPONSES_PREVIEW.fullmatch(version) is not None
+                and version >= FIRST_RESPONSES_PREVIEW
+            )
+        if not served:
+            raise resource_not_found()
+        if not self.emulator.authorizes(self.request.headers, v1=self.v1):
+            raise ErrorAnswer(401, azure_error(401))
+
+    def use_deployment(self, deployment: str) -> str:
         self.record.deployment = deployment
-        request = self.check(deployment)
+        if deployment not in self.emulator.deployments:
+            raise deployment_not_found()
+        return deployment
+
+    def parse_body(self) -> Any:
+        try:
+            return json.loads(self.request.body)
+        except ValueError:
+            raise bad_request("We could not parse the JSON body of your request.", None) from None
+
+    def body_deployment(self, body: Any) -> str:
+        """The deployment a body names in `model`, where the path names none."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str):
+            raise bad_request(
+                "Missing required parameter: 'model'.", "model", "missing_required_parameter"
+            )
+        return self.use_deployment(model)
+
+    async def begin(self, *, wait: bool = True) -> Fault | None:
+        """Take the next fault and carry out its delay (if `wait`), hang and status.
+
+        Return None if the client went away meanwhile.
+        """
         fault = self.emulator._take_fault() or Fault()
-        if not await self.pause(fault.delay):
-            return
-        if fault.hang:
+        if wait and not await self.pause(fault.delay):
+            return None
+        if fault.hang and wait:
             await self.pause(None)
-            return
+            return None
         if fault.status is not None:
             raise ErrorAnswer(fault.status, fault.body or {}, fault.headers)
         for name, value in fault.headers.items():
             self.set_header(name, value)
-        choices = plan_choices(request)
-        completion_id = self.emulator._next_completion_id()
-        if request.get("stream"):
-            payloads = stream_payloads(
-                request, choices, completion_id, self.emulator.model, async_filter=self.emulator.async_filter
-            )
-            await self.stream(payloads, fault)
-        elif fault.reset_after is not None:
+        return fault
+
+    def answer(self, obj: Any, fault: Fault) -> None:
+        """Write a JSON answer, or drop the connection before it if the fault says so."""
+        if fault.reset_after is not None:
             self.abort()
         else:
-            self.write_json(completion_body(request, choices, completion_id, self.emulator.model))
+            self.write_json(obj)
 
-    def check(self, deployment: str) -> dict:
-        """Refuse what Azure refuses, in Azure's order; return the parsed body."""
-        version, versions = self.get_query_argument("api-version", None), self.emulator.api_versions
-        if version is None or (versions is not None and version not in versions):
-            raise ErrorAnswer(404, azure_error(404))
-        if self.request.headers.get("api-key") != self.emulator.key:
-            raise ErrorAnswer(401, azure_error(401))
-        if deployment not in self.emulator.deployments:
-            raise ErrorAnswer(404, {"error": {"code": "DeploymentNotFound", "message": DEPLOYMENT_NOT_FOUND}})
-        return parse_chat_request(self.request.body)
+    async def stream(self, frames: list[bytes], fault: Fault) -> bool:
+        """Write and flush each event on its own, `chunk_gap` apart; abort after `reset_after`.
 
-    async def stream(self, payloads: list[str], fault: Fault) -> None:
-        """Write and flush each event on its own, `chunk_gap` apart; abort after `reset_after` of them."""
+        Return whether every event was sent.
+        """
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
-        for sent, payload in enumerate(payloads):
+        for sent, frame in enumerate(frames):
             if sent and not await self.pause(fault.chunk_gap):
-                return
+                return False
             if sent == fault.reset_after:
                 self.abort()
-                return
-            self.write(f"data: {payload}\n\n".encode())
+                return False
+            self.write(frame)
             try:
                 await self.flush()
             except StreamClosedError:
-                return
+                return False
+        return True
 
     async def pause(self, seconds: float | None) -> bool:
         """Wait `seconds` (None: for ever); return False if the client went away meanwhile.
@@ -487,15 +308,228 @@ class ChatCompletionsHandler(EmulatorHandler):
         return False
 
     def abort(self) -> None:
-        """Drop the connection mid-answer: a TCP reset (SO_LINGER 0) where allowed, else a plain close."""
+        """Drop the connection mid-answer: a TCP reset (SO_LINGER 0) where allowed, else a close."""
         self.aborted = True
         stream: IOStream = self.request.connection.stream  # type: ignore[union-attr]
         if not stream.closed():
             try:
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
             except OSError:
                 pass
             stream.close()
+
+
+class ChatCompletionsHandler(ApiHandler):
+    """POST /openai/deployments/{deployment}/chat/completions, or /openai/v1/chat/completions."""
+
+    operation = "chat.completions"
+
+    async def post(self, deployment: str | None = None) -> None:
+        self.check_access()
+        if deployment is None:
+            body = self.parse_body()
+            self.body_deployment(body)
+        else:
+            self.use_deployment(deployment)
+            body = self.parse_body()
+        request = check_chat_request(body)
+        fault = await self.begin()
+        if fault is None:
+            return
+        choices = plan_choices(request)
+        completion_id = self.emulator._next_completion_id()
+        model = self.emulator.model
+        if request.get("stream"):
+            payloads = stream_payloads(
+                request, choices, completion_id, model, async_filter=self.emulator.async_filter
+            )
+            await self.stream([f"data: {payload}\n\n".encode() for payload in payloads], fault)
+        else:
+            self.answer(completion_body(request, choices, completion_id, model), fault)
+
+
+class EmbeddingsHandler(ApiHandler):
+    """POST /openai/deployments/{deployment}/embeddings, or /openai/v1/embeddings."""
+
+    operation = "embeddings"
+
+    async def post(self, deployment: str | None = None) -> None:
+        self.check_access()
+        if deployment is None:
+            body = self.parse_body()
+            self.body_deployment(body)
+        else:
+            self.use_deployment(deployment)
+            body = self.parse_body()
+        emulator = self.emulator
+        inputs = check_embeddings_request(body, emulator.embedding_dimensions)
+        fault = await self.begin()
+        if fault is not None:
+            self.answer(
+                embeddings_body(
+                    body, inputs, emulator.embedding_model, emulator.embedding_dimensions
+                ),
+                fault,
+            )
+
+
+class ResponsesHandler(ApiHandler):
+    """POST /openai/v1/responses or /openai/responses: stored unless `store` is false."""
+
+    operation = "responses.create"
+    responses_api = True
+
+    async def post(self) -> None:
+        self.check_access()
+        body = self.parse_body()
+        deployment = self.body_deployment(body)
+        request = check_response_request(body)
+        emulator = self.emulator
+        previous_id = request.get("previous_response_id")
+        previous = (
+            emulator.stored_responses.previous(previous_id) if previous_id is not None else None
+        )
+        # A background stream is streamed as it runs; only a background JSON create answers at once.
+        background = bool(request.get("background")) and not request.get("stream")
+        fault = await self.begin(wait=not background)
+        if fault is None:
+            return
+        items = input_items(request)
+        turn = plan_turn(request, items)
+        usage = response_usage(input_tokens(request, items, previous), turn)
+        status = "incomplete" if turn.incomplete else "completed"
+        final = response_object(
+            request,
+            new_id("resp"),
+            emulator.model,
+            status=status,
+            output=output_items(turn),
+            usage=usage,
+        )
+        stored = StoredResponse(final, items, deployment) if final["store"] else None
+        if stored is not None and background:
+            stored.response = unfinished(final, "queued")
+            emulator._start_run(stored, final, fault)
+            emulator.stored_responses.put(stored)
+            self.answer(stored.response, fault)
+        elif request.get("stream"):
+            if stored is not None:
+                stored.response = unfinished(final)
+                emulator.stored_responses.put(stored)
+            sent = await self.stream([event_frame(event) for event in stream_events(final)], fault)
+            if stored is not None:
+                stored.settle(final if sent else self.cut_short(final))
+        else:
+            if stored is not None and fault.reset_after is None:
+                stored.settle(final)
+                emulator.stored_responses.put(stored)
+            self.answer(final, fault)
+
+    def cut_short(self, final: dict) -> dict:
+        """What a stream cut short leaves stored: cancelled if the client left, else failed."""
+        if self.record.client_gone.is_set():
+            return unfinished(final, "cancelled")
+        error = {
+            "code": "server_error",
+            "message": "The response stream ended before the response was complete.",
+        }
+        return unfinished(final, "failed") | {"error": error}
+
+
+class StoredResponseHandler(ApiHandler):
+    """Base of the routes that address a stored response by id."""
+
+    responses_api = True
+
+    def stored(self, response_id: str) -> StoredResponse:
+        self.check_access()
+        stored = self.emulator.stored_responses.get(response_id)
+        self.record.deployment = stored.deployment
+        return stored
+
+
+class ResponseHandler(StoredResponseHandler):
+    """GET and DELETE /openai/v1/responses/{id} (or /openai/responses/{id})."""
+
+    @property
+    def operation(self) -> str:  # type: ignore[override]
+        return "responses.delete" if self.request.method == "DELETE" else "responses.retrieve"
+
+    async def get(self, response_id: str) -> None:
+        stored = self.stored(response_id)
+        if self.get_query_argument("stream", "false") == "true":
+            message = (
+                "This emulator does not resume streams; retrieve the response without 'stream'."
+            )
+            raise bad_request(message, "stream")
+        fault = await self.begin()
+        if fault is not None:
+            self.answer(stored.response, fault)
+
+    async def delete(self, response_id: str) -> None:
+        self.stored(response_id)
+        fault = await self.begin()
+        if fault is not None:
+            self.answer(self.emulator.stored_responses.delete(response_id), fault)
+
+
+class ResponseCancelHandler(StoredResponseHandler):
+    """POST /openai/v1/responses/{id}/cancel: only background responses can be cancelled (O)."""
+
+    operation = "responses.cancel"
+
+    async def post(self, response_id: str) -> None:
+        stored = self.stored(response_id)
+        if not stored.response["background"]:
+            raise bad_request("Cannot cancel a synchronous response.", None)
+        fault = await self.begin()
+        if fault is None:
+            return
+        if stored.response["status"] in ACTIVE:
+            if stored.run is not None:
+                stored.run.cancel()
+            stored.settle(stored.response | {"status": "cancelled"})
+        self.answer(stored.response, fault)
+
+
+class InputItemsHandler(StoredResponseHandler):
+    """GET /openai/v1/responses/{id}/input_items: the items a response was made from, by page."""
+
+    operation = "responses.input_items"
+
+    async def get(self, response_id: str) -> None:
+        stored = self.stored(response_id)
+        page = items_page(stored.input_items, self.record.query)
+        fault = await self.begin()
+        if fault is not None:
+            self.answer(page, fault)
+
+
+class ModelsHandler(ApiHandler):
+    """GET /openai/v1/models[/{model}]: the deployments, the names a v1 body's `model` takes.
+
+    Whether Azure lists deployments or base models here is not documented
+    (PROTOCOL-v1.md section 8); deployments are what a client can call.
+    """
+
+    operation = "models"
+
+    async def get(self, model: str | None = None) -> None:
+        self.check_access()
+        if model is not None and model not in self.emulator.deployments:
+            raise model_not_found(model)
+        fault = await self.begin()
+        if fault is None:
+            return
+        listed = [self.model_object(name) for name in sorted(self.emulator.deployments)]
+        self.answer(
+            self.model_object(model) if model else {"object": "list", "data": listed}, fault
+        )
+
+    def model_object(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": "system"}
 
 
 class FaultsHandler(EmulatorHandler):
@@ -505,7 +539,9 @@ class FaultsHandler(EmulatorHandler):
             obj = json.loads(self.request.body)
             faults = [Fault.from_json(item) for item in (obj if isinstance(obj, list) else [obj])]
         except ValueError as error:
-            raise ErrorAnswer(400, {"error": {"code": "invalid_fault", "message": str(error)}}) from None
+            raise ErrorAnswer(
+                400, {"error": {"code": "invalid_fault", "message": str(error)}}
+            ) from None
         for fault in faults:
             self.emulator.add_fault(fault)
         self.write_json({"queued": len(faults)})
@@ -524,7 +560,12 @@ class RequestsHandler(EmulatorHandler):
 class StatsHandler(EmulatorHandler):
     def get(self) -> None:
         emulator = self.emulator
-        self.write_json({"connections_accepted": emulator.connections_accepted, "requests": len(emulator.requests)})
+        self.write_json(
+            {
+                "connections_accepted": emulator.connections_accepted,
+                "requests": len(emulator.requests),
+            }
+        )
 
 
 class CountingHTTPServer(HTTPServer):
@@ -540,7 +581,7 @@ class CountingHTTPServer(HTTPServer):
 
 
 class AzureEmulator:
-    """A fake Azure OpenAI resource: chat deployments, injected faults and a log of requests."""
+    """A fake Azure OpenAI resource: deployments, stored responses, faults and a request log."""
 
     def __init__(
         self,
@@ -550,13 +591,18 @@ class AzureEmulator:
         model: str = "gpt-4o-2024-08-06",
         api_versions: Iterable[str] | None = None,
         async_filter: bool = False,
+        embedding_model: str = "text-embedding-3-small",
+        embedding_dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS,
     ) -> None:
         self.key = key
         self.async_filter = async_filter
         self.deployments = frozenset(deployments)
         self.model = model
+        self.embedding_model = embedding_model
+        self.embedding_dimensions = embedding_dimensions
         self.api_versions = None if api_versions is None else frozenset(api_versions)
         self.requests: list[RecordedRequest] = []
+        self.stored_responses = ResponseStore()
         self.connections_accepted = 0
         self._faults: deque[Fault] = deque()  # a fault appears once per request it applies to
         self._completions = 0
@@ -564,13 +610,24 @@ class AzureEmulator:
         self._server: CountingHTTPServer | None = None
         self._port: int | None = None
 
+    def authorizes(self, headers: HTTPHeaders, *, v1: bool) -> bool:
+        """Whether a request's credentials open this resource.
+
+        The `api-key` header everywhere; on v1 paths also `Authorization: Bearer <key>`,
+        which is what `OpenAI(base_url=".../openai/v1/", api_key=key)` sends (PROTOCOL-v1.md 2).
+        """
+        if headers.get("api-key") == self.key:
+            return True
+        return v1 and headers.get("Authorization") == f"Bearer {self.key}"
+
     def add_fault(self, fault: Fault) -> None:
         self._faults.extend([fault] * fault.times)
 
     def clear(self) -> None:
-        """Forget faults and recorded requests, and reset the counters."""
+        """Forget faults, recorded requests and stored responses, and reset the counters."""
         self._faults.clear()
         self.requests.clear()
+        self.stored_responses.clear()
         self.connections_accepted = 0
         self._completions = 0
 
@@ -581,15 +638,46 @@ class AzureEmulator:
         self._completions += 1
         return f"chatcmpl-emu-{self._completions}"
 
+    def _start_run(self, stored: StoredResponse, final: dict, fault: Fault) -> None:
+        """Run a background response: in progress for the fault's `delay` (for ever if it
+        hangs), then `final`."""
+
+        async def run() -> None:
+            stored.response = stored.response | {"status": "in_progress"}
+            if fault.hang:
+                await asyncio.Event().wait()
+            await asyncio.sleep(fault.delay)
+            stored.settle(final)
+
+        stored.run = asyncio.get_running_loop().create_task(run())
+
     def make_app(self) -> Application:
         args = {"emulator": self}
+        v1 = {"emulator": self, "v1": True}
+        deployment = r"/openai/deployments/(?P<deployment>[^/]+)"
+        response = r"/responses/(?P<response_id>[^/]+)"
+        routes: list[tuple[str, type[RequestHandler], dict]] = [
+            (deployment + "/chat/completions", ChatCompletionsHandler, args),
+            (deployment + "/embeddings", EmbeddingsHandler, args),
+            (r"/openai/v1/chat/completions", ChatCompletionsHandler, v1),
+            (r"/openai/v1/embeddings", EmbeddingsHandler, v1),
+            (r"/openai/v1/models", ModelsHandler, v1),
+            (r"/openai/v1/models/(?P<model>[^/]+)", ModelsHandler, v1),
+        ]
+        for base, family in ((r"/openai", args), (r"/openai/v1", v1)):
+            routes += [
+                (base + r"/responses", ResponsesHandler, family),
+                (base + response, ResponseHandler, family),
+                (base + response + r"/cancel", ResponseCancelHandler, family),
+                (base + response + r"/input_items", InputItemsHandler, family),
+            ]
+        routes += [
+            (r"/_emulator/faults", FaultsHandler, args),
+            (r"/_emulator/requests", RequestsHandler, args),
+            (r"/_emulator/stats", StatsHandler, args),
+        ]
         return Application(
-            [
-                (r"/openai/deployments/(?P<deployment>[^/]+)/chat/completions", ChatCompletionsHandler, args),
-                (r"/_emulator/faults", FaultsHandler, args),
-                (r"/_emulator/requests", RequestsHandler, args),
-                (r"/_emulator/stats", StatsHandler, args),
-            ],
+            routes,
             default_handler_class=ResourceNotFoundHandler,
             default_handler_args=args,
             # The emulator's traffic is not the gateway's: keep it out of tornado.access.
@@ -618,10 +706,16 @@ class AzureEmulator:
         return f"http://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
-        """Stop listening, close open connections (ending hangs and pauses) and wait for every answer to end."""
+        """Stop listening, close connections (ending hangs and pauses), end background runs.
+
+        Return once every answer and run has ended.
+        """
         if self._server is None:
             return
         server, self._server = self._server, None
         server.stop()
         await server.close_all_connections()
-        await asyncio.gather(*self._running)
+        runs = self.stored_responses.runs()
+        for run in runs:
+            run.cancel()
+        await asyncio.gather(*self._running, *runs, return_exceptions=True)

@@ -217,8 +217,17 @@ async def test_forced_tool_and_function_calls(emulator, client):
         assert call["function"]["name"] == name
         assert json.loads(call["function"]["arguments"]) == {"echo": "find it"}
 
-    auto = json.loads((await chat(emulator, client, ask("x", tools=TOOLS, tool_choice="auto"))).body)
-    assert auto["choices"][0]["message"]["content"] == "You said: x"
+    for tool_choice in ("auto", None):  # no tool_choice with tools given means auto
+        auto = json.loads((await chat(emulator, client, ask("x", tools=TOOLS, tool_choice=tool_choice))).body)
+        assert auto["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    none = json.loads((await chat(emulator, client, ask("x", tools=TOOLS, tool_choice="none"))).body)
+    assert none["choices"][0]["message"]["content"] == "You said: x"
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    answered = ask("x", tools=TOOLS, tool_choice="auto")
+    answered["messages"] += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": "call_1", "content": "found"}]
+    final = json.loads((await chat(emulator, client, answered)).body)["choices"][0]
+    assert (final["finish_reason"], final["message"]["content"]) == ("stop", "You said: x")
 
     legacy = ask("old style", functions=[{"name": "f"}], function_call={"name": "f"})
     choice = json.loads((await chat(emulator, client, legacy)).body)["choices"][0]
