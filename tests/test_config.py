@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_settings
+from gateway.config import load_settings, readme_table, variables
 from gateway.errors import ConfigError
 from gateway.secret import Secret
 from gateway.upstream.urls import upstream_url
@@ -181,3 +181,10 @@ def test_a_proxy_that_is_not_plain_http_is_a_config_error(tmp_path):
     found = problems(tmp_path, HTTPS_PROXY="https://user:s3cret-pw@proxy:3128")
     assert "HTTPS_PROXY: only http:// proxies are supported (got https://)" in found
     assert not any("s3cret-pw" in problem for problem in found)
+
+
+def test_readme_table_is_the_declared_settings():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert readme_table() in readme
+    documented = {variable.name for variable in variables()}
+    assert {"HOST", "KEY", "DEPLOYMENTS_FILE", "temperature", "NO_PROXY", "LOG_FORMAT"} <= documented
