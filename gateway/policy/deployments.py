@@ -1,6 +1,6 @@
 """The deployments file (`DEPLOYMENTS_FILE`): several Azure deployments in YAML.
 
-Read once at start-up with `yaml.safe_load`, checked against
+Read once at start-up with `yaml.safe_load` (dates kept as text), checked against
 `schema/deployments.schema.json`, `${VAR}` references expanded from the
 environment. Every problem becomes one line naming the entry and the field.
 """
@@ -44,10 +44,24 @@ class Deployment:
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+class _DatesAsTextLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a date stays the text it was written as.
+
+    `api_version: 2024-10-21` without quotes is a date to YAML; the gateway
+    wants the version's text, and a message saying the string "2024-10-21"
+    is not a string would only puzzle its reader.
+    """
+
+
+_DatesAsTextLoader.add_constructor(
+    "tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str
+)
+
+
 def read_yaml(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+            return yaml.load(handle, Loader=_DatesAsTextLoader)
     except OSError as error:
         raise ConfigError([f"{SOURCE}: cannot read {path} ({error.strerror})"]) from None
     except yaml.YAMLError as error:
