@@ -14,8 +14,8 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 import uvloop
 

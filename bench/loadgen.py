@@ -15,8 +15,8 @@ import math
 import resource
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 class ConnectionClosed(Exception):
@@ -231,7 +231,7 @@ async def load(host: str, port: int, raw: bytes, *, connections: int, duration: 
     async def worker() -> None:
         try:
             conn = await asyncio.wait_for(connect(host, port), 10)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             errors["connect"] += 1
             return
         try:
@@ -242,7 +242,7 @@ async def load(host: str, port: int, raw: bytes, *, connections: int, duration: 
                     response = await asyncio.wait_for(
                         conn.request(raw, keep_body=False), max(1.0, deadline - t0 + 5)
                     )
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     errors["timeout"] += 1
                     return
                 except (ConnectionClosed, OSError):
@@ -320,7 +320,7 @@ def match_events(sent: list[list[int]], watch: StreamWatch) -> list[float] | Non
 
 
 async def timed_streams(host: str, port: int, path: str, body: bytes, headers: dict[str, str], *,
-                        streams: int, tag: str, sent_times: Callable[[str], "asyncio.Future[list[list[int]]]"],
+                        streams: int, tag: str, sent_times: Callable[[str], asyncio.Future[list[list[int]]]],
                         timeout: float, stagger: float = 0.0) -> dict:
     """Run `streams` streams together, started `stagger` s apart; match each event's arrival with when the upstream sent it.
 
@@ -376,7 +376,7 @@ async def timed_streams(host: str, port: int, path: str, body: bytes, headers: d
 
 async def held_streams(host: str, port: int, path: str, body: bytes, headers: dict[str, str], *,
                        streams: int, connect_parallel: int, open_timeout: float,
-                       on_all_open: Callable[[int], "asyncio.Future[dict]"], finish_timeout: float) -> dict:
+                       on_all_open: Callable[[int], asyncio.Future[dict]], finish_timeout: float) -> dict:
     """Open `streams` streams that the stand-in holds after their first events.
 
     Once every stream has had its first event (or `open_timeout` passed),

@@ -33,10 +33,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -790,7 +791,7 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     routes = [ROUTES[name] for name in args.routes.split(",")]
     results: dict[str, Any] = {
         "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "mode": "quick" if plan.quick else "full",
             **machine(),
             "git": git_commit(),

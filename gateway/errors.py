@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from gateway.upstream.httpclient import HTTPTransportError
-
 
 # Upstream statuses that another attempt (another deployment, or later) may fix.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

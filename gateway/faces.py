@@ -12,8 +12,9 @@ table (handlers/app.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import parse_qs
 
 from gateway.errors import GatewayError, render_envelope, render_openai_error

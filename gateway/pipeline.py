@@ -125,7 +125,7 @@ class InFlight:
         """True if every request finished within `timeout` seconds."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

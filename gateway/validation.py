@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import fastjsonschema
 from jsonschema import Draft202012Validator

@@ -11,15 +11,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from gateway.config import Settings, load_settings
 from emulator import AzureEmulator
+from gateway.config import Settings, load_settings
 from handlers.app import make_app
 from handlers.listeners import GatewayServer
 

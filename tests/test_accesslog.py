@@ -5,8 +5,8 @@ import logging
 
 import pytest
 
-from gateway.ops.accesslog import format_line
 from emulator import Fault
+from gateway.ops.accesslog import format_line
 
 from .conftest import EMULATOR_KEY
 

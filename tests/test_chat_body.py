@@ -2,8 +2,8 @@
 
 import pytest
 
-from gateway.gpt_chat import build_gpt_chat_body
 from gateway.errors import GatewayError
+from gateway.gpt_chat import build_gpt_chat_body
 
 
 def test_messages_in_the_original_order():

@@ -635,7 +635,7 @@ def test_role_discrimination_gives_no_any_of_noise():
     bad["messages"][3] = {"role": "tool", "content": "x"}
     errors = errors_of(bad)
     assert [(list(e.absolute_path), e.validator) for e in errors] == [(["messages", 3], "required")]
-    assert "'tool_call_id' is a required property" == errors[0].message
+    assert errors[0].message == "'tool_call_id' is a required property"
 
 
 def test_each_message_kind_rejects_unknown_fields():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from emulator import AzureEmulator, Fault
 from gateway.config import load_settings
 from gateway.errors import ConfigError
 from gateway.upstream.urls import upstream_url
-from emulator import AzureEmulator, Fault
 
 from .conftest import API_VERSION, EMULATOR_KEY
 

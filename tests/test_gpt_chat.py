@@ -9,9 +9,9 @@ import logging
 
 import pytest
 import tornado.web
+from tornado.httpclient import HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
-from tornado.httpclient import HTTPClientError
 
 from emulator import Fault
 from gateway.upstream.httpclient import KeepAliveHTTPClient

@@ -10,10 +10,9 @@ import pytest
 import yaml
 from tornado.httputil import HTTPHeaders
 
-from gateway.errors import ConfigError
-from gateway.secret import Secret
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.policy.keys import CallerKey, KeyRing, keys_from_api_keys, keys_from_yaml
+from gateway.secret import Secret
 
 ALICE_KEY = "sk-alice-0f3c9d2e7b"
 BOB_KEY = "sk-bob-5a8e1c4f92"

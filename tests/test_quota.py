@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.secret import Secret
 from gateway.errors import GatewayError
 from gateway.policy.keys import CallerKey
 from gateway.policy.quota import (
@@ -21,6 +21,7 @@ from gateway.policy.quota import (
     redacted_redis_url,
     window_of,
 )
+from gateway.secret import Secret
 
 # The start of some minute, far from the present so no real clock matters.
 T0 = 29_000_000 * 60.0

@@ -9,7 +9,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 ACCESS_LOG = logging.getLogger("azure-gpt-api.access")
 

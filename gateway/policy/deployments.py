@@ -8,9 +8,10 @@ environment. Every problem becomes one line naming the entry and the field.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -17,10 +17,10 @@ import asyncio
 import math
 import random
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
-from gateway.policy.deployments import Deployment
 from gateway.errors import GatewayError
+from gateway.policy.deployments import Deployment
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0

@@ -21,8 +21,8 @@ from typing import Any
 from jsonschema.exceptions import ValidationError
 from tornado.httputil import HTTPHeaders
 
-from gateway.policy.deployments import entry_label, expand_variables
 from gateway.errors import ConfigError, GatewayError
+from gateway.policy.deployments import entry_label, expand_variables
 from gateway.secret import Secret
 from gateway.validation import compile_validator, load_registry
 
@@ -152,7 +152,7 @@ def keys_from_yaml(
             models=tuple(entry["models"]) if "models" in entry else None,
             admin=bool(entry.get("admin", False)),
         )
-        for entry, value in zip(entries, values)
+        for entry, value in zip(entries, values, strict=True)
     ]
 
 

@@ -404,7 +404,7 @@ class RedisQuota:
                 503, "quota_unavailable", "The usage report is unavailable right now."
             ) from None
         usage: dict[str, dict[str, dict[str, int]]] = {}
-        for member, counters in zip(members, hashes):
+        for member, counters in zip(members, hashes, strict=True):
             key_name, deployment = json.loads(member)
             usage.setdefault(key_name, {})[deployment] = {
                 name: int(counters.get(name, 0)) for name in _USAGE_FIELDS

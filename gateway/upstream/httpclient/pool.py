@@ -47,9 +47,10 @@ import ssl
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from io import BytesIO
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
