@@ -1,7 +1,7 @@
 """azure-gpt-api: arguments, settings, logging and signals; the app is handlers/app.py.
 
-    python server.py              # settings from the environment and .env
-    python server.py --emulator   # answer from the built-in Azure emulator
+python server.py              # settings from the environment and .env
+python server.py --emulator   # answer from the built-in Azure emulator
 """
 
 from __future__ import annotations

@@ -213,7 +213,14 @@ PARAMETER_CASTS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
 )
 # One deployment without a DEPLOYMENTS_FILE: (variable, Deployment field).
 SINGLE_DEPLOYMENT = (
-    (Variable("ENDPOINT", _endpoint, "`https://<resource>.openai.azure.com/` (trailing slash optional; `http://` allowed)"), "endpoint"),
+    (
+        Variable(
+            "ENDPOINT",
+            _endpoint,
+            "`https://<resource>.openai.azure.com/` (trailing slash optional; `http://` allowed)",
+        ),
+        "endpoint",
+    ),
     (Variable("DEPLOYMENT_NAME", str, "Azure deployment"), "deployment"),
     (Variable("API_VERSION", str, "e.g. `2024-10-21`"), "api_version"),
     (Variable("KEY", Secret, "Azure key, sent as `api-key`"), "key"),
@@ -231,7 +238,9 @@ _PROXY_DOC = (
     "`https://` endpoints), as curl reads them (the lower-case name wins); `NO_PROXY` lists "
     "hosts to reach directly"
 )
-PROXY_VARIABLES = tuple(Variable(f"{scheme}_PROXY", str, _PROXY_DOC) for scheme in ("HTTPS", "HTTP", "NO"))
+PROXY_VARIABLES = tuple(
+    Variable(f"{scheme}_PROXY", str, _PROXY_DOC) for scheme in ("HTTPS", "HTTP", "NO")
+)
 
 
 @dataclass(frozen=True)
@@ -250,7 +259,9 @@ class Settings:
     ssl_cert: str | None = setting(
         "SSL_CERT", _existing_file, "PEM files, required with `ENABLE_SSL=true`"
     )
-    ssl_key: str | None = setting("SSL_KEY", _existing_file, "PEM files, required with `ENABLE_SSL=true`")
+    ssl_key: str | None = setting(
+        "SSL_KEY", _existing_file, "PEM files, required with `ENABLE_SSL=true`"
+    )
     deployments: tuple[Deployment, ...] = assembled(
         *(variable for variable, _ in SINGLE_DEPLOYMENT), DEPLOYMENTS_FILE, default=()
     )
@@ -302,9 +313,7 @@ class Settings:
     request_timeout: float = setting(
         "REQUEST_TIMEOUT", _seconds, "s, a whole non-stream call", 600.0
     )
-    max_attempts: int = setting(
-        "MAX_ATTEMPTS", _integer(1, 10), "upstream attempts per request", 3
-    )
+    max_attempts: int = setting("MAX_ATTEMPTS", _integer(1, 10), "upstream attempts per request", 3)
     max_retry_wait: float = setting(
         "MAX_RETRY_WAIT",
         _non_negative_seconds,

@@ -43,9 +43,7 @@ def build_prompt_messages(request: Mapping[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-def merge_parameters(
-    request: Mapping[str, Any], defaults: Mapping[str, Any]
-) -> dict[str, Any]:
+def merge_parameters(request: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """Each parameter: the request's value, else the server default, else left out.
 
     Azure must never receive a null or an empty string for a parameter, so
@@ -61,9 +59,7 @@ def merge_parameters(
     return merged
 
 
-def build_gpt_chat_body(
-    request: Mapping[str, Any], defaults: Mapping[str, Any]
-) -> dict[str, Any]:
+def build_gpt_chat_body(request: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The upstream body: a conversation (`messages`, or one built from the prompt fields)
     plus the parameters, defaults merged in."""
     if "messages" in request:

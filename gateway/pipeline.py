@@ -209,7 +209,9 @@ class Pipeline:
             if face.build_body is None:
                 body = UpstreamBody(request, inbound.body)
             else:
-                body = UpstreamBody(face.build_body(request, self.settings.parameter_defaults), None)
+                body = UpstreamBody(
+                    face.build_body(request, self.settings.parameter_defaults), None
+                )
             candidates = self.candidates(face, model, record.caller)
             await self.admit(record)
             if body.body.get("stream"):

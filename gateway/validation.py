@@ -89,7 +89,7 @@ def discriminated_union(node: dict[str, Any]) -> tuple[str, dict[Any, dict[str, 
         properties = condition.get("properties", {})
         if set(condition) != {"properties", "required"} or len(properties) != 1:
             return None
-        (key, rule), = properties.items()
+        ((key, rule),) = properties.items()
         if condition["required"] != [key] or set(rule) != {"const"}:
             return None
         keys.add(key)
@@ -105,7 +105,9 @@ def _fast_check(schema: dict[str, Any]) -> Callable[[Any], Any]:
             return [const_as_enum(item) for item in node]
         if isinstance(node, dict):
             return {
-                "enum" if key == "const" else key: [value] if key == "const" else const_as_enum(value)
+                "enum" if key == "const" else key: [value]
+                if key == "const"
+                else const_as_enum(value)
                 for key, value in node.items()
             }
         return node
@@ -128,7 +130,10 @@ class BodyValidator:
             if union is not None:
                 key, branches = union
                 del items["allOf"]  # the item's own rules (type, required, the key's enum) stay
-                self._unions[field] = key, {value: _fast_check(then) for value, then in branches.items()}
+                self._unions[field] = (
+                    key,
+                    {value: _fast_check(then) for value, then in branches.items()},
+                )
         self._check_body = _fast_check(fast)
 
     def is_valid(self, body: Any) -> bool:
@@ -203,12 +208,16 @@ def describe(error: ValidationError) -> tuple[str, str, str]:
         "maximum": f"must be <= {limit}",
         "exclusiveMinimum": f"must be > {limit}",
         "exclusiveMaximum": f"must be < {limit}",
-        "minLength": "must not be empty" if limit == 1 else f"must have at least {limit} characters",
+        "minLength": "must not be empty"
+        if limit == 1
+        else f"must have at least {limit} characters",
         "maxLength": f"must have at most {limit} characters",
         "minItems": f"must have at least {limit} item(s)",
         "maxItems": f"must have at most {limit} item(s)",
         "type": f"must be of type {' or '.join(limit) if isinstance(limit, list) else limit}",
-        "enum": f"must be one of {', '.join(map(json.dumps, limit))}" if isinstance(limit, list) else "",
+        "enum": f"must be one of {', '.join(map(json.dumps, limit))}"
+        if isinstance(limit, list)
+        else "",
         "const": f"must be {json.dumps(limit)}",
         "pattern": f"must match the pattern {limit}",
     }

@@ -100,7 +100,9 @@ class ApiHandler(BodyReadingHandler):
             record["prompt_tokens"] = life.usage.get("prompt_tokens")
             record["completion_tokens"] = life.usage.get("completion_tokens")
         if life.first_event_at is not None:
-            record["ttft_ms"] = round((life.first_event_at - request_start_time(self.request)) * 1000, 2)
+            record["ttft_ms"] = round(
+                (life.first_event_at - request_start_time(self.request)) * 1000, 2
+            )
         if life.caller_gone:
             record["status"] = 499
         return record

@@ -99,7 +99,9 @@ class BaseHandler(RequestHandler):
             return GatewayError(
                 error.status_code,
                 "bad_request",
-                error.log_message or error.reason or responses.get(error.status_code, "Bad Request"),
+                error.log_message
+                or error.reason
+                or responses.get(error.status_code, "Bad Request"),
             )
         return GatewayError(500, "internal_error", "The gateway failed unexpectedly.")
 

@@ -172,7 +172,9 @@ def start_keyed_gateway(
     With the `quota_clock` fixture, its quota windows follow that clock.
     """
     started: list[RunningGateway] = []
-    clock = request.getfixturevalue("quota_clock") if "quota_clock" in request.fixturenames else None
+    clock = (
+        request.getfixturevalue("quota_clock") if "quota_clock" in request.fixturenames else None
+    )
 
     def start(keys: list[dict[str, Any]] | None = None, **env: str) -> RunningGateway:
         running = start_gateway(
@@ -193,12 +195,16 @@ def start_keyed_gateway(
 
 
 @pytest.mark.gen_test
-async def test_missing_or_wrong_key_is_401_in_each_routes_shape_and_azure_is_not_called(start_gateway):
+async def test_missing_or_wrong_key_is_401_in_each_routes_shape_and_azure_is_not_called(
+    start_gateway,
+):
     gateway = start_gateway(API_KEYS=f"{ALICE_KEY}, {BOB_KEY}")
     prompt = {"prompt": "hello"}
     openai_body = chat("gpt-4o", "hello")
 
-    missing = assert_envelope_error(await gateway.post("/v1/gpt/chat", prompt), 401, "missing_api_key")
+    missing = assert_envelope_error(
+        await gateway.post("/v1/gpt/chat", prompt), 401, "missing_api_key"
+    )
     assert missing["error"]["type"] == "authentication_error"
     for headers in (auth(WRONG_KEYS[0]), auth(WRONG_KEYS[1], bearer=True)):
         response = await gateway.post("/v1/gpt/chat", prompt, headers=headers)
@@ -224,7 +230,9 @@ async def test_missing_or_wrong_key_is_401_in_each_routes_shape_and_azure_is_not
     accepted = [
         await gateway.post("/v1/gpt/chat", prompt, headers=auth(ALICE_KEY)),
         await gateway.post("/v1/gpt/chat", prompt, headers=auth(BOB_KEY, bearer=True)),
-        await gateway.post("/v1/chat/completions", openai_body, headers={"authorization": f"bearer {ALICE_KEY}"}),
+        await gateway.post(
+            "/v1/chat/completions", openai_body, headers={"authorization": f"bearer {ALICE_KEY}"}
+        ),
         await gateway.post(azure_path, openai_body, headers=auth(BOB_KEY)),
     ]
     assert [response.code for response in accepted] == [200] * 4
@@ -236,11 +244,15 @@ async def test_missing_or_wrong_key_is_401_in_each_routes_shape_and_azure_is_not
 
 
 @pytest.mark.gen_test
-async def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_its_own(start_keyed_gateway):
+async def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_its_own(
+    start_keyed_gateway,
+):
     gateway = start_keyed_gateway()
     emulator = gateway.emulator
 
-    refused = await gateway.post("/v1/chat/completions", chat("gpt-4o-mini", "hi"), headers=auth(BOB_KEY))
+    refused = await gateway.post(
+        "/v1/chat/completions", chat("gpt-4o-mini", "hi"), headers=auth(BOB_KEY)
+    )
     error = assert_openai_error(refused, 403, "model_not_allowed")["error"]
     assert "'bob'" in error["message"] and "gpt-4o-mini" in error["message"]
     azure_other = f"/openai/deployments/other-deployment/chat/completions?api-version={API_VERSION}"
@@ -248,14 +260,20 @@ async def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_it
     assert_openai_error(azure_refused, 403, "model_not_allowed")
     assert emulator.requests == []
 
-    allowed = await gateway.post("/v1/chat/completions", chat("gpt-4o", "hi"), headers=auth(BOB_KEY))
+    allowed = await gateway.post(
+        "/v1/chat/completions", chat("gpt-4o", "hi"), headers=auth(BOB_KEY)
+    )
     assert allowed.code == 200
     # The original route names no model: it goes only where the key may go.
     for _ in range(4):
-        assert (await gateway.post("/v1/gpt/chat", {"prompt": "hi"}, headers=auth(BOB_KEY))).code == 200
+        assert (
+            await gateway.post("/v1/gpt/chat", {"prompt": "hi"}, headers=auth(BOB_KEY))
+        ).code == 200
     assert [request.deployment for request in emulator.requests] == [DEPLOYMENT] * 5
     # An unrestricted key may use the other deployment.
-    other = await gateway.post("/v1/chat/completions", chat("gpt-4o-mini", "hi"), headers=auth(ALICE_KEY))
+    other = await gateway.post(
+        "/v1/chat/completions", chat("gpt-4o-mini", "hi"), headers=auth(ALICE_KEY)
+    )
     assert other.code == 200 and emulator.requests[-1].deployment == "other-deployment"
 
     def model_ids(response: HTTPResponse) -> list[str]:
@@ -266,14 +284,18 @@ async def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_it
     assert model_ids(await gateway.get("/v1/models", headers=auth(ALICE_KEY, bearer=True))) == [
         "gpt-4o", "mini", "other-deployment", "gpt-4o-mini",
     ]  # fmt: skip
-    assert_openai_error(await gateway.get("/v1/models", headers=auth(WRONG_KEYS[0])), 401, "invalid_api_key")
+    assert_openai_error(
+        await gateway.get("/v1/models", headers=auth(WRONG_KEYS[0])), 401, "invalid_api_key"
+    )
 
 
 # --- requests and tokens per minute, in this process --------------------------------
 
 
 @pytest.mark.gen_test
-async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(start_keyed_gateway, quota_clock):
+async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(
+    start_keyed_gateway, quota_clock
+):
     gateway = start_keyed_gateway()
     statuses, remaining = [], []
     for _ in range(4):
@@ -291,14 +313,18 @@ async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(start_keye
     assert body["error"]["type"] == "rate_limit_error" and "'rpm3'" in body["message"]
     assert refused.headers["Retry-After"] == "50"  # the pinned clock is 10 s into its minute
     assert refused.headers["x-request-id"]
-    openai_refused = await gateway.post("/v1/chat/completions", chat("gpt-4o", "count"), headers=auth(RPM_KEY))
+    openai_refused = await gateway.post(
+        "/v1/chat/completions", chat("gpt-4o", "count"), headers=auth(RPM_KEY)
+    )
     assert_openai_error(openai_refused, 429, "rate_limit_exceeded")
     assert openai_refused.headers["Retry-After"] == "50"
     assert len(gateway.emulator.requests) == 3
 
     # Other keys are not limited by it, and an unlimited key gets no rate-limit headers.
     free = await gateway.post("/v1/gpt/chat", {"prompt": "free"}, headers=auth(ALICE_KEY))
-    assert free.code == 200 and not any(name.lower().startswith("x-ratelimit") for name in free.headers)
+    assert free.code == 200 and not any(
+        name.lower().startswith("x-ratelimit") for name in free.headers
+    )
 
     quota_clock.now = T0 + 60
     renewed = await gateway.post("/v1/gpt/chat", {"prompt": "count"}, headers=auth(RPM_KEY))
@@ -307,7 +333,9 @@ async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(start_keye
 
 
 @pytest.mark.gen_test
-async def test_tpm_counts_azures_usage_and_refuses_once_the_window_is_used_up(start_keyed_gateway, quota_clock):
+async def test_tpm_counts_azures_usage_and_refuses_once_the_window_is_used_up(
+    start_keyed_gateway, quota_clock
+):
     gateway = start_keyed_gateway()
     first = await gateway.post("/v1/gpt/chat", {"prompt": "hi"}, headers=auth(TPM_KEY))
     assert first.code == 200
@@ -321,7 +349,9 @@ async def test_tpm_counts_azures_usage_and_refuses_once_the_window_is_used_up(st
         "/v1/chat/completions", chat("gpt-4o", "hi there", stream=True), headers=auth(TPM_KEY)
     )
     assert second.code == 200
-    assert second.headers["x-ratelimit-remaining-tokens"] == str(5 - echo_usage("hi")["total_tokens"])
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(
+        5 - echo_usage("hi")["total_tokens"]
+    )
     assert all(b'"usage":{' not in event for event in events_of(second))
 
     # 4 + 6 = 10 >= 5: refused, without calling Azure, until the minute turns.
@@ -367,7 +397,11 @@ async def test_two_processes_sharing_redis_hold_the_limit_between_them(
 ):
     redis_password = "redis-pw-4d2c8e1f6b"
     redis = start_redis(password=redis_password)
-    shared_key, burst_key, open_key = "sk-shared-2f8a6c0e9d", "sk-burst-8c3e0a7d51", "sk-open-b7d1e3a5c2"
+    shared_key, burst_key, open_key = (
+        "sk-shared-2f8a6c0e9d",
+        "sk-burst-8c3e0a7d51",
+        "sk-open-b7d1e3a5c2",
+    )
     deployments_file = write_deployments_file(
         tmp_path,
         emulator.url,
@@ -403,7 +437,13 @@ async def test_two_processes_sharing_redis_hold_the_limit_between_them(
     responses = [await ask(index, shared_key) for index in range(12)]
     assert [response.code for response in responses] == [200] * 5 + [429] * 7
     # One counter for both processes: the remaining count goes down across them.
-    assert [r.headers["x-ratelimit-remaining-requests"] for r in responses[:5]] == ["4", "3", "2", "1", "0"]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in responses[:5]] == [
+        "4",
+        "3",
+        "2",
+        "1",
+        "0",
+    ]
     for refused in responses[5:]:
         assert_envelope_error(refused, 429, "rate_limit_exceeded")
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
@@ -411,7 +451,9 @@ async def test_two_processes_sharing_redis_hold_the_limit_between_them(
     # All at once, still alternating: the one Redis script admits exactly 5 between them.
     burst = await asyncio.gather(*(ask(index, burst_key) for index in range(12)))
     assert sorted(response.code for response in burst) == [200] * 5 + [429] * 7
-    assert sorted(r.headers["x-ratelimit-remaining-requests"] for r in burst if r.code == 200) == list("01234")
+    assert sorted(
+        r.headers["x-ratelimit-remaining-requests"] for r in burst if r.code == 200
+    ) == list("01234")
     assert len(emulator.requests) == 10
     # A key without limits is not held back by the others'.
     assert [(await ask(index, open_key)).code for index in range(2)] == [200, 200]
@@ -450,7 +492,10 @@ async def test_redis_stopped_mid_test_fails_open_or_closed_and_is_counted(
 
     redis_server.stop()
     calls_before = len(gateway.emulator.requests)
-    after = [await gateway.post("/v1/gpt/chat", {"prompt": "down"}, headers=auth(RPM_KEY)) for _ in range(4)]
+    after = [
+        await gateway.post("/v1/gpt/chat", {"prompt": "down"}, headers=auth(RPM_KEY))
+        for _ in range(4)
+    ]
     if mode == "open":
         # More than rpm requests, all admitted: no limits while Redis is away.
         assert [response.code for response in after] == [200] * 4
@@ -462,8 +507,12 @@ async def test_redis_stopped_mid_test_fails_open_or_closed_and_is_counted(
             assert "quota store" in body["message"]
         assert len(gateway.emulator.requests) == calls_before
     # A key without limits needs no Redis either way.
-    assert (await gateway.post("/v1/gpt/chat", {"prompt": "free"}, headers=auth(ALICE_KEY))).code == 200
-    assert_envelope_error(await gateway.get("/v1/usage", headers=auth(ADMIN_KEY)), 503, "quota_unavailable")
+    assert (
+        await gateway.post("/v1/gpt/chat", {"prompt": "free"}, headers=auth(ALICE_KEY))
+    ).code == 200
+    assert_envelope_error(
+        await gateway.get("/v1/usage", headers=auth(ADMIN_KEY)), 503, "quota_unavailable"
+    )
 
     metrics = metric_samples((await gateway.get("/metrics")).body.decode())
     assert sample(metrics, "gateway_redis_errors_total") >= 5
@@ -488,7 +537,9 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
         counts["completion_tokens"] += usage["completion_tokens"]
 
     # Not streamed: the usage the caller sees is what is counted.
-    plain = await gateway.post("/v1/chat/completions", chat("gpt-4o", "one two three"), headers=auth(ALICE_KEY))
+    plain = await gateway.post(
+        "/v1/chat/completions", chat("gpt-4o", "one two three"), headers=auth(ALICE_KEY)
+    )
     assert body_of(plain)["usage"] == echo_usage("one two three")
     expect("alice", "gpt-4o", body_of(plain)["usage"])
     original = await gateway.post("/v1/gpt/chat", {"prompt": "hello"}, headers=auth(BOB_KEY))
@@ -517,13 +568,19 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
         headers=auth(ALICE_KEY, bearer=True),
     )
     events = events_of(asked)
-    usage_events = [json.loads(event)["usage"] for event in events[:-1] if json.loads(event).get("usage")]
+    usage_events = [
+        json.loads(event)["usage"] for event in events[:-1] if json.loads(event).get("usage")
+    ]
     assert usage_events == [echo_usage("a b c d")]
     expect("alice", "mini", usage_events[0])
 
     # Refused requests are not in the report.
-    assert (await gateway.post("/v1/chat/completions", chat("gpt-4o-mini", "no"), headers=auth(BOB_KEY))).code == 403
-    assert (await gateway.post("/v1/gpt/chat", {"prompt": "no"}, headers=auth(WRONG_KEYS[0]))).code == 401
+    assert (
+        await gateway.post("/v1/chat/completions", chat("gpt-4o-mini", "no"), headers=auth(BOB_KEY))
+    ).code == 403
+    assert (
+        await gateway.post("/v1/gpt/chat", {"prompt": "no"}, headers=auth(WRONG_KEYS[0]))
+    ).code == 401
 
     report = await gateway.get("/v1/usage", headers=auth(ADMIN_KEY))
     assert report.code == 200
@@ -551,14 +608,27 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
 async def test_metrics_after_a_known_sequence_and_the_metrics_key(start_keyed_gateway, quota_clock):
     gateway = start_keyed_gateway(METRICS_KEY=METRICS_KEY)
     prompts = ["one", "two words", "three more words"]
-    assert (await gateway.post("/v1/gpt/chat", {"prompt": prompts[0]}, headers=auth(RPM_KEY))).code == 200
-    assert (await gateway.post("/v1/gpt/chat", {"prompt": prompts[1]}, headers=auth(RPM_KEY))).code == 200
-    streamed = await gateway.post("/v1/gpt/chat", {"prompt": prompts[2], "stream": True}, headers=auth(RPM_KEY))
+    assert (
+        await gateway.post("/v1/gpt/chat", {"prompt": prompts[0]}, headers=auth(RPM_KEY))
+    ).code == 200
+    assert (
+        await gateway.post("/v1/gpt/chat", {"prompt": prompts[1]}, headers=auth(RPM_KEY))
+    ).code == 200
+    streamed = await gateway.post(
+        "/v1/gpt/chat", {"prompt": prompts[2], "stream": True}, headers=auth(RPM_KEY)
+    )
     assert streamed.code == 200 and events_of(streamed)[-1] == b"[DONE]"
-    assert (await gateway.post("/v1/gpt/chat", {"prompt": "over"}, headers=auth(RPM_KEY))).code == 429
+    assert (
+        await gateway.post("/v1/gpt/chat", {"prompt": "over"}, headers=auth(RPM_KEY))
+    ).code == 429
     assert (await gateway.post("/v1/gpt/chat", {"prompt": "who"})).code == 401
 
-    for headers in ({}, auth(WRONG_KEYS[0]), auth(ADMIN_KEY), {"Authorization": f"Basic {METRICS_KEY}"}):
+    for headers in (
+        {},
+        auth(WRONG_KEYS[0]),
+        auth(ADMIN_KEY),
+        {"Authorization": f"Basic {METRICS_KEY}"},
+    ):
         refused = await gateway.get("/metrics", headers=headers)
         assert_envelope_error(refused, 401, "invalid_metrics_key")
         assert refused.headers["WWW-Authenticate"] == "Bearer"
@@ -575,16 +645,23 @@ async def test_metrics_after_a_known_sequence_and_the_metrics_key(start_keyed_ga
     assert sample(samples, "gateway_requests_total", route="metrics", status="200") == 1
     usages = [echo_usage(prompt) for prompt in prompts]
     for kind in ("prompt", "completion"):
-        assert sample(samples, "gateway_tokens_total", key="rpm3", deployment="gpt-4o", kind=kind) == sum(
-            usage[f"{kind}_tokens"] for usage in usages
-        )
-    assert not any(name == "gateway_tokens_total" and ("key", "anonymous") in labels for name, labels in samples)
-    assert sample(samples, "gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok") == 3
+        assert sample(
+            samples, "gateway_tokens_total", key="rpm3", deployment="gpt-4o", kind=kind
+        ) == sum(usage[f"{kind}_tokens"] for usage in usages)
+    assert not any(
+        name == "gateway_tokens_total" and ("key", "anonymous") in labels
+        for name, labels in samples
+    )
+    assert (
+        sample(samples, "gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok") == 3
+    )
     assert sample(samples, "gateway_quota_rejections_total", key="rpm3", limit="requests") == 1
     assert sample(samples, "gateway_streams_in_flight") == 0
     assert sample(samples, "gateway_redis_errors_total") == 0
     assert sample(samples, "gateway_request_duration_seconds_count", route="gpt_chat") == 5
-    assert sample(samples, "gateway_request_duration_seconds_bucket", route="gpt_chat", le="+Inf") == 5
+    assert (
+        sample(samples, "gateway_request_duration_seconds_bucket", route="gpt_chat", le="+Inf") == 5
+    )
     assert sample(samples, "gateway_time_to_first_token_seconds_count", route="gpt_chat") == 1
 
 
@@ -627,7 +704,11 @@ async def test_no_key_in_logs_metrics_or_answers(start_keyed_gateway, quota_cloc
     await post("/v1/chat/completions", chat("gpt-4o-mini", "hi"), auth(BOB_KEY))  # 403
     for _ in range(4):  # 3 x 200, then 429
         await post("/v1/gpt/chat", {"prompt": "count me"}, auth(RPM_KEY))
-    await post("/v1/chat/completions", chat("gpt-4o", "stream me", stream=True), auth(ALICE_KEY, bearer=True))
+    await post(
+        "/v1/chat/completions",
+        chat("gpt-4o", "stream me", stream=True),
+        auth(ALICE_KEY, bearer=True),
+    )
     await post("/v1/gpt/chat", {"prompt": "three more tokens", "stream": True}, auth(TPM_KEY))
     await post("/v1/gpt/chat", {"prompt": "tokens"}, auth(TPM_KEY))  # 429: 3 + 5 tokens >= 5
     await get("/v1/models", auth(BOB_KEY))
@@ -646,5 +727,14 @@ async def test_no_key_in_logs_metrics_or_answers(start_keyed_gateway, quota_cloc
         + [response.body.decode() for response in seen]
         + [f"{name}: {value}" for response in seen for name, value in response.headers.get_all()]
     )
-    for secret in (ADMIN_KEY, ALICE_KEY, BOB_KEY, RPM_KEY, TPM_KEY, METRICS_KEY, EMULATOR_KEY, *WRONG_KEYS):
+    for secret in (
+        ADMIN_KEY,
+        ALICE_KEY,
+        BOB_KEY,
+        RPM_KEY,
+        TPM_KEY,
+        METRICS_KEY,
+        EMULATOR_KEY,
+        *WRONG_KEYS,
+    ):
         assert secret not in everything

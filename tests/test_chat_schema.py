@@ -318,8 +318,16 @@ def test_multi_turn_with_tool_and_function_messages():
                 {
                     "role": "assistant",
                     "tool_calls": [
-                        {"id": "a", "type": "function", "function": {"name": "w", "arguments": "{}"}},
-                        {"id": "b", "type": "function", "function": {"name": "w", "arguments": "{}"}},
+                        {
+                            "id": "a",
+                            "type": "function",
+                            "function": {"name": "w", "arguments": "{}"},
+                        },
+                        {
+                            "id": "b",
+                            "type": "function",
+                            "function": {"name": "w", "arguments": "{}"},
+                        },
                     ],
                 },
                 {"role": "tool", "tool_call_id": "a", "content": "21C"},
@@ -339,7 +347,13 @@ def test_multi_turn_with_tool_and_function_messages():
                     "content": [{"type": "text", "text": "See [doc1]."}],
                     "context": {"intent": "weather", "citations": [{"content": "c"}]},
                 },
-                {"role": "assistant", "content": "x", "refusal": "no", "name": "bot", "function_call": None},
+                {
+                    "role": "assistant",
+                    "content": "x",
+                    "refusal": "no",
+                    "name": "bot",
+                    "function_call": None,
+                },
             ],
             "tool_choice": "required",
             "function_call": "auto",
@@ -358,10 +372,19 @@ def test_image_parts():
                         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
                         {
                             "type": "image_url",
-                            "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "high"},
+                            "image_url": {
+                                "url": "data:image/png;base64,iVBORw0KGgo=",
+                                "detail": "high",
+                            },
                         },
-                        {"type": "image_url", "image_url": {"url": "https://x/b.jpg", "detail": "low"}},
-                        {"type": "image_url", "image_url": {"url": "https://x/c.jpg", "detail": "auto"}},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "https://x/b.jpg", "detail": "low"},
+                        },
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "https://x/c.jpg", "detail": "auto"},
+                        },
                     ],
                 }
             ]
@@ -390,7 +413,12 @@ def test_image_parts():
         {"response_format": {"type": "text"}},
         {"response_format": {"type": "json_object"}},
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "A" * 64, "strict": None}}},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "A" * 64, "strict": None},
+            }
+        },
         {"tool_choice": "none"},
         {"tool_choice": "auto"},
         {"tools": [{"type": "function", "function": {"name": "f"}}]},
@@ -437,11 +465,26 @@ REJECTIONS = [
         "required",
     ),
     ("message_without_role", _with_message({"content": "x"}), ["messages", 1], "required"),
-    ("message_unknown_role", _with_message({"role": "developer", "content": "x"}), ["messages", 1, "role"], "enum"),
+    (
+        "message_unknown_role",
+        _with_message({"role": "developer", "content": "x"}),
+        ["messages", 1, "role"],
+        "enum",
+    ),
     ("message_not_object", _with_message("Hi"), ["messages", 1], "type"),  # type: ignore[arg-type]
     ("user_without_content", _with_message({"role": "user"}), ["messages", 1], "required"),
-    ("user_content_null", _with_message({"role": "user", "content": None}), ["messages", 1, "content"], "type"),
-    ("user_content_empty_array", _with_message({"role": "user", "content": []}), ["messages", 1, "content"], "minItems"),
+    (
+        "user_content_null",
+        _with_message({"role": "user", "content": None}),
+        ["messages", 1, "content"],
+        "type",
+    ),
+    (
+        "user_content_empty_array",
+        _with_message({"role": "user", "content": []}),
+        ["messages", 1, "content"],
+        "minItems",
+    ),
     (
         "user_message_typo_field",
         _with_message({"role": "user", "content": "x", "nmae": "bob"}),
@@ -464,14 +507,19 @@ REJECTIONS = [
     ),
     (
         "image_part_without_url",
-        _with_message({"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}),
+        _with_message(
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}
+        ),
         ["messages", 1, "content", 0, "image_url"],
         "required",
     ),
     (
         "image_part_bad_detail",
         _with_message(
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u", "detail": "ultra"}}]}
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "u", "detail": "ultra"}}],
+            }
         ),
         ["messages", 1, "content", 0, "image_url", "detail"],
         "enum",
@@ -485,7 +533,8 @@ REJECTIONS = [
     (
         "system_image_part",
         _with_message(
-            {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}, index=0
+            {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+            index=0,
         ),
         ["messages", 0, "content", 0, "type"],
         "enum",
@@ -506,7 +555,9 @@ REJECTIONS = [
         _with_message(
             {
                 "role": "assistant",
-                "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": {}}}],
+                "tool_calls": [
+                    {"id": "a", "type": "function", "function": {"name": "f", "arguments": {}}}
+                ],
             }
         ),
         ["messages", 1, "tool_calls", 0, "function", "arguments"],
@@ -531,13 +582,20 @@ REJECTIONS = [
     ("n_129", body(n=129), ["n"], "maximum"),
     ("n_float", body(n=1.5), ["n"], "type"),
     ("stream_string", body(stream="true"), ["stream"], "type"),
-    ("stream_options_typo", body(stream=True, stream_options={"include_usge": True}), ["stream_options"], "additionalProperties"),
+    (
+        "stream_options_typo",
+        body(stream=True, stream_options={"include_usge": True}),
+        ["stream_options"],
+        "additionalProperties",
+    ),
     ("user_null", body(user=None), ["user"], "type"),
     ("parallel_tool_calls_null", body(parallel_tool_calls=None), ["parallel_tool_calls"], "type"),
     ("seed_too_big", body(seed=2**63), ["seed"], "maximum"),
     (
         "response_format_json_schema_without_name",
-        body(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
+        body(
+            response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
+        ),
         ["response_format", "json_schema"],
         "required",
     ),
@@ -553,7 +611,12 @@ REJECTIONS = [
         ["response_format", "json_schema", "name"],
         "pattern",
     ),
-    ("response_format_unknown_type", body(response_format={"type": "xml"}), ["response_format", "type"], "enum"),
+    (
+        "response_format_unknown_type",
+        body(response_format={"type": "xml"}),
+        ["response_format", "type"],
+        "enum",
+    ),
     ("response_format_string", body(response_format="json_object"), ["response_format"], "type"),
     (
         "tool_without_name",
@@ -592,9 +655,19 @@ REJECTIONS = [
         "maxItems",
     ),
     ("tool_choice_any", body(tool_choice="any"), ["tool_choice"], "enum"),
-    ("tool_choice_without_function", body(tool_choice={"type": "function"}), ["tool_choice"], "required"),
+    (
+        "tool_choice_without_function",
+        body(tool_choice={"type": "function"}),
+        ["tool_choice"],
+        "required",
+    ),
     ("functions_empty", body(functions=[]), ["functions"], "minItems"),
-    ("functions_129", body(functions=[{"name": f"f{i}"} for i in range(129)]), ["functions"], "maxItems"),
+    (
+        "functions_129",
+        body(functions=[{"name": f"f{i}"} for i in range(129)]),
+        ["functions"],
+        "maxItems",
+    ),
     ("function_call_required", body(function_call="required"), ["function_call"], "enum"),
     ("function_call_without_name", body(function_call={}), ["function_call"], "required"),
     (
@@ -649,4 +722,7 @@ def test_each_message_kind_rejects_unknown_fields():
     for role, message in kinds.items():
         assert_valid({"messages": [message]})
         error = best_error({"messages": [{**message, "extra": 1}]})
-        assert (list(error.absolute_path), error.validator) == (["messages", 0], "additionalProperties"), role
+        assert (list(error.absolute_path), error.validator) == (
+            ["messages", 0],
+            "additionalProperties",
+        ), role

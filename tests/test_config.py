@@ -46,8 +46,12 @@ def test_defaults_and_upstream_url(tmp_path):
 def test_endpoint_with_or_without_trailing_slash_and_http(tmp_path):
     without = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999"})
     with_slash = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999/"})
-    assert upstream_url(without.deployments[0], "chat/completions") == upstream_url(with_slash.deployments[0], "chat/completions")
-    assert upstream_url(without.deployments[0], "chat/completions").startswith("http://127.0.0.1:9999/openai/")
+    assert upstream_url(without.deployments[0], "chat/completions") == upstream_url(
+        with_slash.deployments[0], "chat/completions"
+    )
+    assert upstream_url(without.deployments[0], "chat/completions").startswith(
+        "http://127.0.0.1:9999/openai/"
+    )
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
@@ -187,4 +191,11 @@ def test_readme_table_is_the_declared_settings():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert readme_table() in readme
     documented = {variable.name for variable in variables()}
-    assert {"HOST", "KEY", "DEPLOYMENTS_FILE", "temperature", "NO_PROXY", "LOG_FORMAT"} <= documented
+    assert {
+        "HOST",
+        "KEY",
+        "DEPLOYMENTS_FILE",
+        "temperature",
+        "NO_PROXY",
+        "LOG_FORMAT",
+    } <= documented

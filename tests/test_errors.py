@@ -19,7 +19,10 @@ CONTENT_FILTER = {
         "param": "prompt",
         "code": "content_filter",
         "status": 400,
-        "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {"hate": {"filtered": True, "severity": "high"}}},
+        "innererror": {
+            "code": "ResponsibleAIPolicyViolation",
+            "content_filter_result": {"hate": {"filtered": True, "severity": "high"}},
+        },
     }
 }
 
@@ -33,7 +36,11 @@ def test_retry_after_prefers_milliseconds_and_rounds_up():
 
 
 def test_429_stays_429_with_retry_after():
-    error = map_upstream_status(429, {"retry-after-ms": "1200"}, b'{"error":{"code":"429","message":"Rate limit. Please retry after 2 seconds."}}')
+    error = map_upstream_status(
+        429,
+        {"retry-after-ms": "1200"},
+        b'{"error":{"code":"429","message":"Rate limit. Please retry after 2 seconds."}}',
+    )
     assert error.status == 429
     assert error.headers == {"Retry-After": "2"}
     assert render_envelope(error)["error"]["code"] == "429"
@@ -53,7 +60,9 @@ def test_content_filter_400_keeps_azure_error_object():
 
 def test_our_misconfiguration_is_a_502_that_says_so():
     for status in (401, 403, 404):
-        error = map_upstream_status(status, {}, b'{"error":{"code":"401","message":"Access denied"}}')
+        error = map_upstream_status(
+            status, {}, b'{"error":{"code":"401","message":"Access denied"}}'
+        )
         assert error.status == 502
         assert error.code == "upstream_configuration"
         assert "not a problem with your request" in error.message
@@ -71,14 +80,20 @@ def test_other_4xx_keep_their_status():
 
 
 def test_transport_errors():
-    refused = map_transport_error(HTTPTransportError(HTTPTransportError.CONNECT, "Connection refused"))
-    timed_out = map_transport_error(HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout during request."))
+    refused = map_transport_error(
+        HTTPTransportError(HTTPTransportError.CONNECT, "Connection refused")
+    )
+    timed_out = map_transport_error(
+        HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout during request.")
+    )
     assert (refused.status, refused.code) == (502, "upstream_unreachable")
     assert (timed_out.status, timed_out.code) == (504, "upstream_timeout")
 
 
 def test_our_own_error_object():
-    error = GatewayError(400, "invalid_request", "Invalid request body: x", param="temperature", rule="maximum")
+    error = GatewayError(
+        400, "invalid_request", "Invalid request body: x", param="temperature", rule="maximum"
+    )
     assert render_openai_error(error) == {
         "error": {
             "code": "invalid_request",

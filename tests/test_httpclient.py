@@ -133,7 +133,9 @@ async def test_post_sends_one_well_formed_request_and_reads_the_answer(scripted,
     head, body = scripted.requests[0].split(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     assert lines[0] == "POST /openai/x?api-version=1 HTTP/1.1"
-    assert {"Api-Key: k", "Content-Length: 7", "User-Agent: t", f"Host: {scripted.url[7:]}"} <= set(lines)
+    assert {"Api-Key: k", "Content-Length: 7", "User-Agent: t", f"Host: {scripted.url[7:]}"} <= set(
+        lines
+    )
     assert body == b'{"q":2}'
 
 
@@ -147,7 +149,9 @@ async def test_sequential_requests_reuse_one_connection(scripted, http):
 
 @pytest.mark.gen_test
 async def test_error_statuses_are_responses_with_their_body(scripted, http):
-    scripted.queue(reply(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 4\r\n\r\nslow"))
+    scripted.queue(
+        reply(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 4\r\n\r\nslow")
+    )
     response = await http.fetch(scripted.url, method="POST", body=b"{}", raise_error=False)
     assert (response.code, response.headers["Retry-After"], response.body) == (429, "3", b"slow")
     assert (await http.fetch(scripted.url, method="POST", body=b"{}")).code == 200
@@ -159,7 +163,9 @@ async def test_chunked_answer_streams_per_read_after_every_header_line(scripted,
     gate = asyncio.Event()
 
     async def chunked(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-One: 1\r\n\r\n5\r\nhello\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-One: 1\r\n\r\n5\r\nhello\r\n"
+        )
         await writer.drain()
         await gate.wait()
         writer.write(b"1;ext=2\r\n \r\n6\r\nworld!\r\n0\r\nTrailer: t\r\n\r\n")
@@ -215,7 +221,9 @@ async def test_body_until_close_and_connection_close_are_not_reused(scripted, ht
 
 @pytest.mark.gen_test
 async def test_interim_100_answer_is_skipped(scripted, http):
-    scripted.queue(reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"))
+    scripted.queue(
+        reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    )
     assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"hi"
 
 
@@ -332,7 +340,10 @@ async def test_max_clients_bounds_connections_and_queues_the_rest(io_loop, scrip
     try:
         for _ in range(5):
             scripted.queue(held)
-        fetches = [asyncio.ensure_future(client.fetch(scripted.url, method="POST", body=b"{}")) for _ in range(5)]
+        fetches = [
+            asyncio.ensure_future(client.fetch(scripted.url, method="POST", body=b"{}"))
+            for _ in range(5)
+        ]
         while len(scripted.requests) < 2:
             await asyncio.sleep(0.01)
         assert len(scripted.requests) == 2
@@ -370,7 +381,9 @@ async def test_a_waiting_request_can_be_aborted_and_times_out(io_loop, scripted)
 @pytest.mark.gen_test
 async def test_a_header_with_a_line_break_is_never_sent(scripted, http):
     with pytest.raises(ValueError, match="line break"):
-        await http.fetch(scripted.url, method="POST", body=b"{}", headers={"x-request-id": "a\r\nb: c"})
+        await http.fetch(
+            scripted.url, method="POST", body=b"{}", headers={"x-request-id": "a\r\nb: c"}
+        )
     assert scripted.requests == []
 
 
@@ -419,8 +432,13 @@ def silent_listener() -> Any:
 @pytest.mark.gen_test
 async def test_connect_timeout_covers_the_tls_handshake(http, silent_listener):
     with pytest.raises(HTTPTransportError) as failure:
-        await http.fetch(silent_listener, method="POST", body=b"{}", connect_timeout=0.2, validate_cert=False)
-    assert (failure.value.kind, failure.value.message) == (HTTPTransportError.TIMEOUT, "Timeout while connecting.")
+        await http.fetch(
+            silent_listener, method="POST", body=b"{}", connect_timeout=0.2, validate_cert=False
+        )
+    assert (failure.value.kind, failure.value.message) == (
+        HTTPTransportError.TIMEOUT,
+        "Timeout while connecting.",
+    )
     assert http.open_connections == 0
 
 
@@ -478,7 +496,10 @@ class ForwardProxy(LoopbackServer):
 async def proxied_client(proxy: ForwardProxy, **proxies: str) -> KeepAliveHTTPClient:
     """A client whose proxy settings may name the proxy as {proxy} (its URL) or {authority} (host:port)."""
     url = await proxy.start()
-    settings = {name: value.format(proxy=url, authority=url[len("http://") :]) for name, value in proxies.items()}
+    settings = {
+        name: value.format(proxy=url, authority=url[len("http://") :])
+        for name, value in proxies.items()
+    }
     return KeepAliveHTTPClient(force_instance=True, proxies=settings)
 
 
@@ -493,7 +514,7 @@ async def test_https_through_a_connect_tunnel_with_proxy_credentials(tls_echo):
             assert response.body == b"tls:" + body
         assert proxy.connections == 1  # the tunnel is kept alive like any connection
         head = proxy.heads[0]
-        assert head.startswith(f"CONNECT {url[len('https://'):-1]} HTTP/1.1\r\n")
+        assert head.startswith(f"CONNECT {url[len('https://') : -1]} HTTP/1.1\r\n")
         assert "Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in head  # user:p@ss
     finally:
         client.close()
@@ -505,7 +526,9 @@ async def test_http_through_a_proxy_sends_the_absolute_url(scripted):
     proxy = ForwardProxy()
     client = await proxied_client(proxy, http="{proxy}")
     try:
-        assert (await client.fetch(scripted.url + "/a?b=1", method="POST", body=b"{}")).body == b"ok"
+        assert (
+            await client.fetch(scripted.url + "/a?b=1", method="POST", body=b"{}")
+        ).body == b"ok"
         assert proxy.heads[0].startswith(f"POST {scripted.url}/a?b=1 HTTP/1.1\r\n")
     finally:
         client.close()
@@ -526,7 +549,9 @@ async def test_no_proxy_goes_direct(scripted):
 
 @pytest.mark.gen_test
 async def test_a_refused_tunnel_is_a_connect_error(io_loop):
-    proxy = ForwardProxy(refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+    proxy = ForwardProxy(
+        refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    )
     client = await proxied_client(proxy, https="{proxy}")
     try:
         with pytest.raises(HTTPTransportError, match="407") as failure:
@@ -551,6 +576,8 @@ async def test_the_gateway_reaches_azure_through_its_configured_proxy(start_gate
         response = await gateway.post("/v1/gpt/chat", {"prompt": "hi"})
         assert response.code == 200
         assert len(proxy.heads) == 1
-        assert proxy.heads[0].startswith(f"POST {gateway.emulator.url.rstrip('/')}/openai/deployments/")
+        assert proxy.heads[0].startswith(
+            f"POST {gateway.emulator.url.rstrip('/')}/openai/deployments/"
+        )
     finally:
         await proxy.stop()

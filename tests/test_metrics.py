@@ -98,7 +98,9 @@ def test_count_methods_add_to_one_series_per_label_set(single_process):
     assert found[series("gateway_request_duration_seconds_sum", route=ROUTE)] == pytest.approx(2.11)
     assert found[series("gateway_time_to_first_token_seconds_count", route=ROUTE)] == 1
     assert found[series("gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok")] == 2
-    timeout = series("gateway_upstream_attempts_total", deployment="gpt-4o", outcome="upstream_timeout")
+    timeout = series(
+        "gateway_upstream_attempts_total", deployment="gpt-4o", outcome="upstream_timeout"
+    )
     assert found[timeout] == 1
     assert found[series("gateway_tokens_total", **ALICE, kind="prompt")] == 11
     assert found[series("gateway_tokens_total", **ALICE, kind="completion")] == 22

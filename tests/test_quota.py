@@ -180,7 +180,9 @@ async def test_memory_counters_of_old_windows_are_dropped():
 
 
 @pytest.mark.gen_test
-async def test_redis_counters_are_prefixed_exact_and_expire_after_two_minutes(redis_server, close_after):
+async def test_redis_counters_are_prefixed_exact_and_expire_after_two_minutes(
+    redis_server, close_after
+):
     quota = RedisQuota(redis_server.url, "closed", prefix="test:")
     close_after(quota)
     key = caller(rpm=2, tpm=100)
@@ -208,10 +210,7 @@ async def test_two_processes_sharing_redis_never_over_admit(redis_server, close_
     close_after(second)
     key = caller(rpm=37)
     results = await asyncio.gather(
-        *(
-            (first if index % 2 else second).admit(key, now=T0 + 5)
-            for index in range(300)
-        )
+        *((first if index % 2 else second).admit(key, now=T0 + 5) for index in range(300))
     )
     admitted = [result for result in results if result.allowed]
     assert len(admitted) == 37

@@ -52,7 +52,9 @@ def format_line(record: Mapping[str, Any], style: str) -> str:
 
 def timestamp(now: float | None = None) -> str:
     moment = time.time() if now is None else now
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment % 1 * 1000):03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment % 1 * 1000):03d}Z"
+    )
 
 
 def write_access_log(record: Mapping[str, Any], style: str) -> None:

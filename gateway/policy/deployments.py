@@ -42,6 +42,8 @@ class Deployment:
     def serves(self, model: str) -> bool:
         """True if a caller asking for `model` may be sent here."""
         return model in self.names
+
+
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

@@ -101,14 +101,14 @@ class Failover:
 class FailoverPlan:
     """One request's attempts, driven by its owner::
 
-        while True:
-            deployment = await plan.next_deployment()  # raises when no attempt is left
-            try:
-                answer = await attempt(deployment)
-            except GatewayError as error:
-                plan.failed(deployment, error)  # raises unless another attempt may fix it
-                continue
-            plan.succeeded(deployment)
+    while True:
+        deployment = await plan.next_deployment()  # raises when no attempt is left
+        try:
+            answer = await attempt(deployment)
+        except GatewayError as error:
+            plan.failed(deployment, error)  # raises unless another attempt may fix it
+            continue
+        plan.succeeded(deployment)
     """
 
     def __init__(self, failover: Failover, candidates: tuple[Deployment, ...]) -> None:

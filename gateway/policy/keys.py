@@ -128,9 +128,7 @@ def keys_from_yaml(
             continue
         value, missing = expand_variables(raw_key, environ)
         for variable in missing:
-            problems.append(
-                f"{source} {where}.key: environment variable {variable} is not set"
-            )
+            problems.append(f"{source} {where}.key: environment variable {variable} is not set")
         values.append(value)
         if missing:
             continue

@@ -92,7 +92,14 @@ def parse_header_lines(lines: Iterable[str]) -> HTTPHeaders:
     headers = HTTPHeaders()
     for line in lines:
         name, colon, value = line.partition(":")
-        if not colon or not name or name[-1] in " \t" or name[0] in " \t" or "\r" in line or "\n" in line:
+        if (
+            not colon
+            or not name
+            or name[-1] in " \t"
+            or name[0] in " \t"
+            or "\r" in line
+            or "\n" in line
+        ):
             raise HTTPInputError(f"Malformed header line {line[:80]!r}")
         headers.add(name, value.strip(" \t"))
     return headers
@@ -179,7 +186,9 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         self._proxies = dict(proxies or {})
         self._routes: dict[tuple[str, str, int], _Proxy | None] = {}
         for scheme in ("http", "https"):
-            if scheme in self._proxies:  # checked now: a bad proxy URL stops the start, not a request
+            if (
+                scheme in self._proxies
+            ):  # checked now: a bad proxy URL stops the start, not a request
                 parse_proxy_url(self._proxies[scheme], f"{scheme}_proxy")
 
     def close(self) -> None:
@@ -266,7 +275,9 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
             async with asyncio.timeout(request.connect_timeout or None):
                 connection = await self._connect(exchange.target.origin, exchange.via, request)
         except TimeoutError:
-            exchange.fail(HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout while connecting."))
+            exchange.fail(
+                HTTPTransportError(HTTPTransportError.TIMEOUT, "Timeout while connecting.")
+            )
             return
         except (OSError, ssl.SSLError) as error:
             exchange.fail(HTTPTransportError(HTTPTransportError.CONNECT, _describe(error)))
@@ -294,7 +305,9 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         try:
             await tunnel.open(f"{host}:{port}", via.authorization)
             connection = _Connection(self, origin)
-            secure = await self._loop.start_tls(transport, connection, context, server_hostname=host)
+            secure = await self._loop.start_tls(
+                transport, connection, context, server_hostname=host
+            )
         except BaseException:
             transport.abort()
             raise
@@ -452,7 +465,9 @@ class _Tunnel(asyncio.Protocol):
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
         if end >= 0 and end + 4 < len(self.buffer):
-            self.answer.set_exception(ConnectionError("the proxy sent bytes after its CONNECT answer"))
+            self.answer.set_exception(
+                ConnectionError("the proxy sent bytes after its CONNECT answer")
+            )
         elif end >= 0:
             self.answer.set_result(self.buffer[:end].decode("latin1"))
         elif len(self.buffer) > MAX_HEAD_SIZE:
@@ -513,7 +528,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client._forget(self)
-        if self.exchange is not None and self.in_body and self.remaining is None and not self.chunked:
+        if (
+            self.exchange is not None
+            and self.in_body
+            and self.remaining is None
+            and not self.chunked
+        ):
             self._complete(self.exchange)  # a body without framing ends where the connection does
         exchange, self.exchange = self.exchange, None
         if exchange is None or exchange.finished:
@@ -528,7 +548,8 @@ class _Connection(asyncio.Protocol):
         detail = f" ({_describe(exc)})" if exc else ""
         exchange.fail(
             HTTPTransportError(
-                HTTPTransportError.CLOSED, f"The server closed the connection before the answer ended{detail}."
+                HTTPTransportError.CLOSED,
+                f"The server closed the connection before the answer ended{detail}.",
             )
         )
 
@@ -589,7 +610,9 @@ class _Connection(asyncio.Protocol):
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(buffer) > MAX_HEAD_SIZE:
-                    raise HTTPTransportError(HTTPTransportError.PROTOCOL, "The response head is too long.")
+                    raise HTTPTransportError(
+                        HTTPTransportError.PROTOCOL, "The response head is too long."
+                    )
                 self.buffer = buffer
                 return None
             self.buffer = b""
@@ -627,8 +650,13 @@ class _Connection(asyncio.Protocol):
                 raise HTTPTransportError(
                     HTTPTransportError.PROTOCOL, "The response has a malformed Content-Length."
                 ) from None
-            if self.remaining > self.client.max_body_size and exchange.request.streaming_callback is None:
-                raise HTTPTransportError(HTTPTransportError.PROTOCOL, "The response body is over the size limit.")
+            if (
+                self.remaining > self.client.max_body_size
+                and exchange.request.streaming_callback is None
+            ):
+                raise HTTPTransportError(
+                    HTTPTransportError.PROTOCOL, "The response body is over the size limit."
+                )
         else:
             self.keep_alive = False
         header_callback = exchange.request.header_callback
@@ -659,7 +687,9 @@ class _Connection(asyncio.Protocol):
             if line_end < 0:
                 self.buffer = buffer[position:]
                 if len(self.buffer) > MAX_HEAD_SIZE:
-                    raise HTTPTransportError(HTTPTransportError.PROTOCOL, "A chunk line is too long.")
+                    raise HTTPTransportError(
+                        HTTPTransportError.PROTOCOL, "A chunk line is too long."
+                    )
                 break
             line = buffer[position:line_end]
             position = line_end + 2
@@ -681,7 +711,9 @@ class _Connection(asyncio.Protocol):
                     self.chunk_state = _TRAILERS
             elif self.chunk_state == _DATA_END:
                 if line:
-                    raise HTTPTransportError(HTTPTransportError.PROTOCOL, "Malformed chunked framing.")
+                    raise HTTPTransportError(
+                        HTTPTransportError.PROTOCOL, "Malformed chunked framing."
+                    )
                 self.chunk_state = _SIZE
             elif not line:  # the empty line that ends the trailers
                 self.chunk_state = _DONE
@@ -696,7 +728,9 @@ class _Connection(asyncio.Protocol):
             return
         self.size += len(data)
         if self.size > self.client.max_body_size:
-            raise HTTPTransportError(HTTPTransportError.PROTOCOL, "The response body is over the size limit.")
+            raise HTTPTransportError(
+                HTTPTransportError.PROTOCOL, "The response body is over the size limit."
+            )
         self.parts.append(data)
 
     def _complete(self, exchange: _Exchange) -> None:
