@@ -443,9 +443,9 @@ def load_settings(
         cast(variable, parameters, variable.name)
 
     if simple.get("enable_ssl"):
-        for variable in ("SSL_CERT", "SSL_KEY"):
-            if variable not in values:
-                problems.append(f"{variable}: is required when ENABLE_SSL is true")
+        for name in ("SSL_CERT", "SSL_KEY"):
+            if name not in values:
+                problems.append(f"{name}: is required when ENABLE_SSL is true")
 
     proxies = read_proxies(values, problems)
 

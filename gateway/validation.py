@@ -127,7 +127,7 @@ class BodyValidator:
         for field, rule in fast.get("properties", {}).items():
             items = rule.get("items") if isinstance(rule, dict) else None
             union = discriminated_union(items) if isinstance(items, dict) else None
-            if union is not None:
+            if union is not None and isinstance(items, dict):
                 key, branches = union
                 del items["allOf"]  # the item's own rules (type, required, the key's enum) stay
                 self._unions[field] = (
@@ -201,8 +201,8 @@ def describe(error: ValidationError) -> tuple[str, str, str]:
             f"is missing the required field {missing[0]!r}",
         )
     if rule in ("anyOf", "oneOf") and _alternatives_are_required(error):
-        names = [sub["required"][0] for sub in limit]
-        return path, "required", f"needs one of the fields {', '.join(map(repr, names))}"
+        alternatives = [sub["required"][0] for sub in limit]
+        return path, "required", f"needs one of the fields {', '.join(map(repr, alternatives))}"
     predicates = {
         "minimum": f"must be >= {limit}",
         "maximum": f"must be <= {limit}",

@@ -79,7 +79,7 @@ class LabelledChildren(Generic[MetricT]):
     """
 
     def __init__(self, metric: MetricT) -> None:
-        self.metric = metric
+        self.metric: MetricT = metric
         self._children: dict[tuple[Hashable, ...], MetricT] = {}
 
     def __call__(self, *values: Hashable) -> MetricT:

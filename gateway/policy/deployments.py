@@ -57,7 +57,8 @@ class _DatesAsTextLoader(yaml.SafeLoader):
 
 
 _DatesAsTextLoader.add_constructor(
-    "tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str
+    "tag:yaml.org,2002:timestamp",
+    yaml.SafeLoader.construct_yaml_str,  # type: ignore[type-var]
 )
 
 

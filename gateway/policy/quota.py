@@ -393,7 +393,7 @@ class RedisQuota:
         Raises a 503 GatewayError when Redis cannot be reached.
         """
         try:
-            members = sorted(await self._redis.smembers(self._usage_index))
+            members = sorted(map(str, await self._redis.smembers(self._usage_index)))
             async with self._redis.pipeline(transaction=False) as pipe:
                 for member in members:
                     pipe.hgetall(self._usage_key(member))

@@ -165,7 +165,7 @@ class UpstreamClient:
     def _fetch(self, request: HTTPRequest, call: UpstreamCall) -> asyncio.Future[HTTPResponse]:
         fetch = self._http.fetch(request, raise_error=False)
         call.running(lambda: self._http.abort(request))
-        return fetch  # type: ignore[return-value]
+        return fetch
 
     async def complete(
         self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
