@@ -25,7 +25,8 @@ keep what the gateway relies on and what is certainly wrong, and nothing stricte
 - A union whose members carry distinct tags under one required key (`role`, `type`)
   becomes an `allOf` of `if key == tag then member`, with the tags as the key's enum:
   an error then names the field inside the member instead of "not valid under any of
-  the given schemas", and `gateway/validation.py` checks `messages` by role that way.
+  the given schemas", and `gateway/validation.py` checks an array of such unions (the
+  messages, their content parts, tools) item by item against the member its tag names.
 - Other unions become `anyOf` (never `oneOf`, which refuses a value two members accept);
   members of disjoint types merge into one schema (`"type": ["string", "array"]`).
 - `format` and every annotation are dropped; `REQUESTS` lists per-schema exceptions, each
@@ -41,13 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "source" / "openai-subset.json"
 GPT_CHAT_OWN = HERE / "source" / "gpt_chat_own.json"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 COMPONENT_REF = "#/components/schemas/"
 
-# The only keywords taken over from the spec; the rest are annotations or OpenAPI extensions.
+# Keywords that only constrain values of their own type, so that members of disjoint
+# types can merge into one schema.
 TYPE_SPECIFIC = {
     "array": {"items", "minItems", "maxItems"},
     "object": {"properties", "required", "additionalProperties", "propertyNames"}
@@ -58,6 +62,7 @@ TYPE_SPECIFIC = {
     "boolean": set(),
 }
 TYPE_SPECIFIC["integer"] = TYPE_SPECIFIC["number"]
+# The only keywords taken over from the spec; the rest are annotations or OpenAPI extensions.
 KEPT = {"type", "enum", "const"}.union(*TYPE_SPECIFIC.values())
 UNIONS = ("oneOf", "anyOf")
 LEFT_TO_AZURE = "Not checked here: Azure judges this value (see schema/derive.py)."
@@ -74,7 +79,7 @@ class RequestSchema:
     # or from routing, and Azure ignores `model` where the path names the deployment.
     optional: frozenset[str] = frozenset()
     # Components accepted as any value: unions of many shapes that change monthly and that
-    # the gateway does not read (Azure has its own set: PROTOCOL-v1.md §3.1).
+    # the gateway does not read (Azure's own spec has a different set of tools and items).
     unchecked: frozenset[str] = frozenset()
     # field -> keywords dropped from that field, where Azure's own spec is more lenient.
     relaxed: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -92,7 +97,7 @@ REQUESTS = (
         "POST responses request body (OpenAI and Azure routes)",
         "CreateResponse",
         unchecked=frozenset({"InputItem", "Tool"}),
-        # Azure's AzureCreateResponse types it as a plain integer (PROTOCOL-v1.md §3.1).
+        # OpenAI's spec says at least 16; Azure's AzureCreateResponse has no lower bound.
         relaxed={"max_output_tokens": ("minimum",)},
     ),
     RequestSchema(
@@ -166,7 +171,9 @@ class Deriver:
         An `anyOf` made for the null gets the types of its members beside it, so that a
         value of a wrong type is reported as such rather than as "not valid under any".
         """
-        target = self.defs.get(schema["$ref"].removeprefix("#/$defs/")) if "$ref" in schema else None
+        target = (
+            self.defs.get(schema["$ref"].removeprefix("#/$defs/")) if "$ref" in schema else None
+        )
         if target is not None and (not target or target.get("$comment") == LEFT_TO_AZURE):
             return schema  # already accepts anything
         types = self.types_of(schema)
@@ -424,9 +431,14 @@ def derive_gpt_chat(chat: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]
 
 
 def derive_all(spec: dict[str, Any], own: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """File name -> schema, for every file this script writes."""
+    """File name -> schema, for every file this script writes, each a valid 2020-12 schema.
+
+    The gateway does not check them against the metaschema at start-up: this does.
+    """
     schemas = {request.file: derive_request(spec, request) for request in REQUESTS}
     schemas["gpt_chat.schema.json"] = derive_gpt_chat(schemas["chat_completions.schema.json"], own)
+    for schema in schemas.values():
+        Draft202012Validator.check_schema(schema)
     return schemas
 
 
