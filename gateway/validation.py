@@ -130,16 +130,20 @@ class _FastCheck:
     def __init__(self, schema: dict[str, Any]) -> None:
         schema = copy.deepcopy(schema)
         # field -> (key, {value: check of that branch})
-        self.unions: list[tuple[str, str, dict[Any, _FastCheck]]] = []
+        self.unions: list[tuple[str, str, dict[Any, Callable[[Any], Any]]]] = []
         for field, rule in schema.get("properties", {}).items():
             items = _array_items(rule)
             union = discriminated_union(items) if isinstance(items, dict) else None
             if union is not None:
                 key, branches = union
                 del items["allOf"]  # the item's own rules (type, required, the key's enum) stay
-                checks = {value: _FastCheck(then) for value, then in branches.items()}
+                checks = {value: _FastCheck(then).simplest() for value, then in branches.items()}
                 self.unions.append((field, key, checks))
         self.check = _fast_check(schema)
+
+    def simplest(self) -> Callable[[Any], Any]:
+        """This check, or the generated function alone when there is no union to dispatch."""
+        return self if self.unions else self.check
 
     def __call__(self, data: Any) -> None:
         self.check(data)
