@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from gateway.config import PARAMETER_CASTS
 from gateway.errors import GatewayError
+from gateway.validation import SCHEMA_DIR
 
 PROMPT_FIELDS = ("prompt", "userPrompt", "systemPrompt", "assistantPrompt")
-# Azure features the original did not have: sent as given, with no server default.
-PASSTHROUGH_FIELDS = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "functions",
-    "function_call",
-    "logit_bias",
-    "response_format",
-    "seed",
-    "logprobs",
-    "top_logprobs",
-    "max_completion_tokens",
-    "stream_options",
-    "data_sources",
-)
+
+
+def _passthrough_fields() -> tuple[str, ...]:
+    """The fields of `schema/gpt_chat.schema.json` the original did not have.
+
+    They are sent as given, with no server default. `model` is known to the
+    schema (clients send it) but not sent: this route chooses the deployment.
+    """
+    schema = json.loads((SCHEMA_DIR / "gpt_chat.schema.json").read_text())
+    own = {*PROMPT_FIELDS, *PARAMETER_CASTS, "messages", "model"}
+    return tuple(name for name in schema["properties"] if name not in own)
+
+
+PASSTHROUGH_FIELDS = _passthrough_fields()
 
 
 def _given(value: Any) -> bool:

@@ -94,3 +94,17 @@ def test_messages_and_a_prompt_together_are_refused():
     assert caught.value.status == 400
     assert caught.value.param == "messages"
     assert "not both" in caught.value.message and "'prompt'" in caught.value.message
+
+
+def test_current_chat_fields_pass_through_but_model_does_not():
+    """This route picks the deployment; the caller's `model` is accepted, not forwarded."""
+    fields = {
+        "reasoning_effort": "high",
+        "store": False,
+        "metadata": {"k": "v"},
+        "prediction": {"type": "content", "content": "draft"},
+        "service_tier": "auto",
+        "user_security_context": {"end_user_id": "u"},
+    }
+    body = build_gpt_chat_body({"prompt": "Hi", "model": "gpt-5", **fields}, {})
+    assert body == {"messages": [{"role": "user", "content": "Hi"}], **fields}

@@ -83,3 +83,47 @@ def test_stop_with_five_strings(validator):
 def test_long_values_are_not_echoed_in_full(validator):
     error = rejection(validator, {"prompt": "x", "stop": ["y" * 5000] * 5})
     assert len(error.message) < 300
+
+
+def test_current_chat_fields_are_known(validator):
+    validator.validate(
+        {
+            "model": None,
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ],
+            "reasoning_effort": "high",
+            "store": True,
+            "metadata": {"k": "v"},
+            "service_tier": "auto",
+            "prompt_cache_key": "tenant-1",
+            "prediction": {"type": "content", "content": "draft"},
+            "modalities": ["text"],
+            "data_sources": [{"type": "azure_search", "parameters": {}}],
+            "user": None,
+        }
+    )
+
+
+def test_the_known_fields_are_the_current_chat_fields(validator):
+    """The typo guard's list: every field of the chat schema, the original's own, Azure's additions."""
+    registry = load_registry()
+    chat = set(registry.contents("chat_completions.schema.json")["properties"])
+    known = set(registry.contents("gpt_chat.schema.json")["properties"])
+    prompt_fields = {"prompt", "userPrompt", "systemPrompt", "assistantPrompt"}
+    assert known == chat | prompt_fields | {"data_sources", "user_security_context"}
+
+
+@pytest.mark.parametrize(
+    "body, param, rule",
+    [
+        ({"prompt": "x", "reasoning_efort": "low"}, "reasoning_efort", "additionalProperties"),
+        ({"prompt": "x", "reasoning_effort": 3}, "reasoning_effort", "type"),
+        ({"prompt": "x", "store": "no"}, "store", "type"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "enum"),
+    ],
+)
+def test_new_fields_are_checked_too(validator, body, param, rule):
+    error = rejection(validator, body)
+    assert (error.param, error.rule) == (param, rule)
