@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from emulator import AzureEmulator, words
-from gateway.upstream.sse import EventFramer, event_data
 
 from .conftest import (
     API_VERSION,
@@ -34,6 +32,10 @@ from .conftest import (
     free_port,
     server_env,
 )
+from .support.bodies import chat
+from .support.deployments import write_deployments_file as write_file
+from .support.metrics import sample, samples
+from .support.sse import parse_events
 
 # Caller keys; none of them may ever show in a log line, a metric or a body.
 ADMIN_KEY = "sk-admin-5f1d0c9e7a"
@@ -75,11 +77,8 @@ def write_deployments_file(
     keys: list[dict[str, Any]],
     deployments: list[dict[str, Any]] = DEPLOYMENT_ENTRIES,
 ) -> str:
-    """A DEPLOYMENTS_FILE (JSON is YAML) on `endpoint`, taking the upstream key from KEY."""
-    path = tmp_path / f"deployments-{len(list(tmp_path.glob('deployments-*')))}.yaml"
-    entries = [{**entry, "endpoint": endpoint} for entry in deployments]
-    path.write_text(json.dumps({"deployments": entries, "keys": keys}))
-    return str(path)
+    """A DEPLOYMENTS_FILE on `endpoint`, taking the upstream key from KEY."""
+    return write_file(tmp_path, [{**entry, "endpoint": endpoint} for entry in deployments], keys)
 
 
 def auth(key: str, bearer: bool = False) -> dict[str, str]:
@@ -88,10 +87,6 @@ def auth(key: str, bearer: bool = False) -> dict[str, str]:
 
 def body_of(response: HTTPResponse) -> Any:
     return json.loads(response.body)
-
-
-def events_of(response: HTTPResponse) -> list[bytes]:
-    return [event_data(event) for event in EventFramer().feed(response.body)]
 
 
 def tokens(text: str) -> int:
@@ -107,22 +102,6 @@ def echo_usage(prompt: str) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-
-
-def chat(model: str, prompt: str, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": prompt}], **extra}
-
-
-def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def sample(samples: dict, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
 
 
 def assert_envelope_error(response: HTTPResponse, status: int, code: str) -> dict[str, Any]:
@@ -200,7 +179,7 @@ async def test_missing_or_wrong_key_is_401_in_each_routes_shape_and_azure_is_not
 ):
     gateway = start_gateway(API_KEYS=f"{ALICE_KEY}, {BOB_KEY}")
     prompt = {"prompt": "hello"}
-    openai_body = chat("gpt-4o", "hello")
+    openai_body = chat("hello", "gpt-4o")
 
     missing = assert_envelope_error(
         await gateway.post("/v1/gpt/chat", prompt), 401, "missing_api_key"
@@ -251,17 +230,17 @@ async def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_it
     emulator = gateway.emulator
 
     refused = await gateway.post(
-        "/v1/chat/completions", chat("gpt-4o-mini", "hi"), headers=auth(BOB_KEY)
+        "/v1/chat/completions", chat("hi", "gpt-4o-mini"), headers=auth(BOB_KEY)
     )
     error = assert_openai_error(refused, 403, "model_not_allowed")["error"]
     assert "'bob'" in error["message"] and "gpt-4o-mini" in error["message"]
     azure_other = f"/openai/deployments/other-deployment/chat/completions?api-version={API_VERSION}"
-    azure_refused = await gateway.post(azure_other, chat("x", "hi"), headers=auth(BOB_KEY))
+    azure_refused = await gateway.post(azure_other, chat("hi", "x"), headers=auth(BOB_KEY))
     assert_openai_error(azure_refused, 403, "model_not_allowed")
     assert emulator.requests == []
 
     allowed = await gateway.post(
-        "/v1/chat/completions", chat("gpt-4o", "hi"), headers=auth(BOB_KEY)
+        "/v1/chat/completions", chat("hi", "gpt-4o"), headers=auth(BOB_KEY)
     )
     assert allowed.code == 200
     # The original route names no model: it goes only where the key may go.
@@ -272,7 +251,7 @@ async def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_it
     assert [request.deployment for request in emulator.requests] == [DEPLOYMENT] * 5
     # An unrestricted key may use the other deployment.
     other = await gateway.post(
-        "/v1/chat/completions", chat("gpt-4o-mini", "hi"), headers=auth(ALICE_KEY)
+        "/v1/chat/completions", chat("hi", "gpt-4o-mini"), headers=auth(ALICE_KEY)
     )
     assert other.code == 200 and emulator.requests[-1].deployment == "other-deployment"
 
@@ -314,7 +293,7 @@ async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(
     assert refused.headers["Retry-After"] == "50"  # the pinned clock is 10 s into its minute
     assert refused.headers["x-request-id"]
     openai_refused = await gateway.post(
-        "/v1/chat/completions", chat("gpt-4o", "count"), headers=auth(RPM_KEY)
+        "/v1/chat/completions", chat("count", "gpt-4o"), headers=auth(RPM_KEY)
     )
     assert_openai_error(openai_refused, 429, "rate_limit_exceeded")
     assert openai_refused.headers["Retry-After"] == "50"
@@ -346,13 +325,13 @@ async def test_tpm_counts_azures_usage_and_refuses_once_the_window_is_used_up(
 
     # 4 < 5 tokens used: admitted. A stream counts by the usage event the gateway asked Azure for.
     second = await gateway.post(
-        "/v1/chat/completions", chat("gpt-4o", "hi there", stream=True), headers=auth(TPM_KEY)
+        "/v1/chat/completions", chat("hi there", "gpt-4o", stream=True), headers=auth(TPM_KEY)
     )
     assert second.code == 200
     assert second.headers["x-ratelimit-remaining-tokens"] == str(
         5 - echo_usage("hi")["total_tokens"]
     )
-    assert all(b'"usage":{' not in event for event in events_of(second))
+    assert all(b'"usage":{' not in event for event in parse_events(second.body))
 
     # 4 + 6 = 10 >= 5: refused, without calling Azure, until the minute turns.
     for moment in (T0 + 11, T0 + 59):
@@ -514,7 +493,7 @@ async def test_redis_stopped_mid_test_fails_open_or_closed_and_is_counted(
         await gateway.get("/v1/usage", headers=auth(ADMIN_KEY)), 503, "quota_unavailable"
     )
 
-    metrics = metric_samples((await gateway.get("/metrics")).body.decode())
+    metrics = samples((await gateway.get("/metrics")).body.decode())
     assert sample(metrics, "gateway_redis_errors_total") >= 5
     warnings = [r.getMessage() for r in caplog.records if r.name == "azure-gpt-api.quota"]
     assert len(warnings) == 1 and f"127.0.0.1:{redis_server.port}" in warnings[0]
@@ -538,7 +517,7 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
 
     # Not streamed: the usage the caller sees is what is counted.
     plain = await gateway.post(
-        "/v1/chat/completions", chat("gpt-4o", "one two three"), headers=auth(ALICE_KEY)
+        "/v1/chat/completions", chat("one two three", "gpt-4o"), headers=auth(ALICE_KEY)
     )
     assert body_of(plain)["usage"] == echo_usage("one two three")
     expect("alice", "gpt-4o", body_of(plain)["usage"])
@@ -548,12 +527,12 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
 
     # Streamed without include_usage: the caller never sees the usage event, but it is counted.
     for path, body, key, name, deployment, prompt in (
-        ("/v1/chat/completions", chat("gpt-4o-mini", "alpha beta", stream=True), ALICE_KEY, "alice", "mini", "alpha beta"),
+        ("/v1/chat/completions", chat("alpha beta", "gpt-4o-mini", stream=True), ALICE_KEY, "alice", "mini", "alpha beta"),
         ("/v1/gpt/chat", {"prompt": "x y z", "stream": True}, BOB_KEY, "bob", "gpt-4o", "x y z"),
     ):  # fmt: skip
         response = await gateway.post(path, body, headers=auth(key))
         assert response.code == 200
-        events = events_of(response)
+        events = parse_events(response.body)
         assert events[-1] == b"[DONE]"
         assert not any(json.loads(event).get("usage") for event in events[:-1])
         upstream = gateway.emulator.requests[-1]
@@ -564,10 +543,10 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
     # Streamed with include_usage: the caller gets the event, and the same tokens are counted.
     asked = await gateway.post(
         "/v1/chat/completions",
-        chat("gpt-4o-mini", "a b c d", stream=True, stream_options={"include_usage": True}),
+        chat("a b c d", "gpt-4o-mini", stream=True, stream_options={"include_usage": True}),
         headers=auth(ALICE_KEY, bearer=True),
     )
-    events = events_of(asked)
+    events = parse_events(asked.body)
     usage_events = [
         json.loads(event)["usage"] for event in events[:-1] if json.loads(event).get("usage")
     ]
@@ -576,7 +555,7 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
 
     # Refused requests are not in the report.
     assert (
-        await gateway.post("/v1/chat/completions", chat("gpt-4o-mini", "no"), headers=auth(BOB_KEY))
+        await gateway.post("/v1/chat/completions", chat("no", "gpt-4o-mini"), headers=auth(BOB_KEY))
     ).code == 403
     assert (
         await gateway.post("/v1/gpt/chat", {"prompt": "no"}, headers=auth(WRONG_KEYS[0]))
@@ -617,7 +596,7 @@ async def test_metrics_after_a_known_sequence_and_the_metrics_key(start_keyed_ga
     streamed = await gateway.post(
         "/v1/gpt/chat", {"prompt": prompts[2], "stream": True}, headers=auth(RPM_KEY)
     )
-    assert streamed.code == 200 and events_of(streamed)[-1] == b"[DONE]"
+    assert streamed.code == 200 and parse_events(streamed.body)[-1] == b"[DONE]"
     assert (
         await gateway.post("/v1/gpt/chat", {"prompt": "over"}, headers=auth(RPM_KEY))
     ).code == 429
@@ -636,33 +615,31 @@ async def test_metrics_after_a_known_sequence_and_the_metrics_key(start_keyed_ga
     response = await gateway.get("/metrics", headers=auth(METRICS_KEY, bearer=True))
     assert by_header.code == response.code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
-    samples = metric_samples(response.body.decode())
+    found = samples(response.body.decode())
 
-    assert sample(samples, "gateway_requests_total", route="gpt_chat", status="200") == 3
-    assert sample(samples, "gateway_requests_total", route="gpt_chat", status="429") == 1
-    assert sample(samples, "gateway_requests_total", route="gpt_chat", status="401") == 1
-    assert sample(samples, "gateway_requests_total", route="metrics", status="401") == 4
-    assert sample(samples, "gateway_requests_total", route="metrics", status="200") == 1
+    assert sample(found, "gateway_requests_total", route="gpt_chat", status="200") == 3
+    assert sample(found, "gateway_requests_total", route="gpt_chat", status="429") == 1
+    assert sample(found, "gateway_requests_total", route="gpt_chat", status="401") == 1
+    assert sample(found, "gateway_requests_total", route="metrics", status="401") == 4
+    assert sample(found, "gateway_requests_total", route="metrics", status="200") == 1
     usages = [echo_usage(prompt) for prompt in prompts]
     for kind in ("prompt", "completion"):
         assert sample(
-            samples, "gateway_tokens_total", key="rpm3", deployment="gpt-4o", kind=kind
+            found, "gateway_tokens_total", key="rpm3", deployment="gpt-4o", kind=kind
         ) == sum(usage[f"{kind}_tokens"] for usage in usages)
     assert not any(
         name == "gateway_tokens_total" and ("key", "anonymous") in labels
-        for name, labels in samples
+        for name, labels in found
     )
+    assert sample(found, "gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok") == 3
+    assert sample(found, "gateway_quota_rejections_total", key="rpm3", limit="requests") == 1
+    assert sample(found, "gateway_streams_in_flight") == 0
+    assert sample(found, "gateway_redis_errors_total") == 0
+    assert sample(found, "gateway_request_duration_seconds_count", route="gpt_chat") == 5
     assert (
-        sample(samples, "gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok") == 3
+        sample(found, "gateway_request_duration_seconds_bucket", route="gpt_chat", le="+Inf") == 5
     )
-    assert sample(samples, "gateway_quota_rejections_total", key="rpm3", limit="requests") == 1
-    assert sample(samples, "gateway_streams_in_flight") == 0
-    assert sample(samples, "gateway_redis_errors_total") == 0
-    assert sample(samples, "gateway_request_duration_seconds_count", route="gpt_chat") == 5
-    assert (
-        sample(samples, "gateway_request_duration_seconds_bucket", route="gpt_chat", le="+Inf") == 5
-    )
-    assert sample(samples, "gateway_time_to_first_token_seconds_count", route="gpt_chat") == 1
+    assert sample(found, "gateway_time_to_first_token_seconds_count", route="gpt_chat") == 1
 
 
 @pytest.mark.gen_test
@@ -696,17 +673,17 @@ async def test_no_key_in_logs_metrics_or_answers(start_keyed_gateway, quota_cloc
 
     for wrong in WRONG_KEYS:
         await post("/v1/gpt/chat", {"prompt": "hi"}, auth(wrong))
-        await post("/v1/chat/completions", chat("gpt-4o", "hi"), auth(wrong, bearer=True))
+        await post("/v1/chat/completions", chat("hi", "gpt-4o"), auth(wrong, bearer=True))
         await get("/v1/usage", auth(wrong))
         await get("/v1/models", auth(wrong, bearer=True))
         await get("/metrics", auth(wrong))
     await post("/v1/gpt/chat", {"prompt": "hi"})
-    await post("/v1/chat/completions", chat("gpt-4o-mini", "hi"), auth(BOB_KEY))  # 403
+    await post("/v1/chat/completions", chat("hi", "gpt-4o-mini"), auth(BOB_KEY))  # 403
     for _ in range(4):  # 3 x 200, then 429
         await post("/v1/gpt/chat", {"prompt": "count me"}, auth(RPM_KEY))
     await post(
         "/v1/chat/completions",
-        chat("gpt-4o", "stream me", stream=True),
+        chat("stream me", "gpt-4o", stream=True),
         auth(ALICE_KEY, bearer=True),
     )
     await post("/v1/gpt/chat", {"prompt": "three more tokens", "stream": True}, auth(TPM_KEY))

@@ -14,6 +14,8 @@ from gateway.errors import ConfigError
 from gateway.upstream.urls import upstream_url
 
 from .conftest import API_VERSION, EMULATOR_KEY
+from .support.bodies import chat
+from .support.deployments import write_deployments_file
 
 # A is all but certain to be chosen first: weights 1e6 to 1e-3.
 HEAVY, LIGHT = 1_000_000, 0.001
@@ -25,18 +27,6 @@ def emulator_b(io_loop):
     io_loop.run_sync(lambda: emu.start("127.0.0.1", 0))
     yield emu
     io_loop.run_sync(emu.stop)
-
-
-def write_deployments(tmp_path: Path, *entries: dict) -> str:
-    lines = ["deployments:"]
-    for entry in entries:
-        lines.append(f"  - name: {entry['name']}")
-        for field, value in entry.items():
-            if field != "name":
-                lines.append(f"    {field}: {json.dumps(value)}")
-    path = tmp_path / "deployments.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def entry(name: str, emu: AzureEmulator, deployment: str, key: str, **extra) -> dict:
@@ -55,18 +45,16 @@ def two_deployments(tmp_path, emulator, emulator_b, start_gateway):
     """Gateway over A (preferred by weight) and B, both serving model gpt-4o."""
 
     def start(**env):
-        path = write_deployments(
+        path = write_deployments_file(
             tmp_path,
-            entry("a", emulator, "gpt-4o", EMULATOR_KEY, weight=HEAVY, models=["gpt-4o"]),
-            entry("b", emulator_b, "gpt-4o-b", "key-b-7d1e", weight=LIGHT, models=["gpt-4o"]),
+            [
+                entry("a", emulator, "gpt-4o", EMULATOR_KEY, weight=HEAVY, models=["gpt-4o"]),
+                entry("b", emulator_b, "gpt-4o-b", "key-b-7d1e", weight=LIGHT, models=["gpt-4o"]),
+            ],
         )
         return start_gateway(DEPLOYMENTS_FILE=path, **env)
 
     return start
-
-
-def chat(text="hi", **extra):
-    return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}], **extra}
 
 
 @pytest.mark.gen_test
@@ -168,10 +156,12 @@ async def test_no_retry_once_a_stream_has_started(two_deployments, emulator, emu
 async def test_models_route_by_name_deployment_or_alias(
     tmp_path, emulator, emulator_b, start_gateway
 ):
-    path = write_deployments(
+    path = write_deployments_file(
         tmp_path,
-        entry("east", emulator, "gpt-4o", EMULATOR_KEY, models=["gpt-4o", "smart"]),
-        entry("west", emulator_b, "gpt-4o-b", "key-b-7d1e", models=["mini"]),
+        [
+            entry("east", emulator, "gpt-4o", EMULATOR_KEY, models=["gpt-4o", "smart"]),
+            entry("west", emulator_b, "gpt-4o-b", "key-b-7d1e", models=["mini"]),
+        ],
     )
     gateway = start_gateway(DEPLOYMENTS_FILE=path)
     for model, target in (

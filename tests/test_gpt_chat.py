@@ -15,15 +15,11 @@ from tornado.testing import bind_unused_port
 
 from emulator import Fault
 from gateway.upstream.httpclient import KeepAliveHTTPClient
-from gateway.upstream.sse import EventFramer, event_data, usage_in
+from gateway.upstream.sse import EventFramer, usage_in
 from handlers.base import SECURITY_HEADERS
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY, free_port
-
-
-def parse_events(body: bytes) -> list[bytes]:
-    return [event_data(event) for event in EventFramer().feed(body)]
-
+from .support.sse import parse_events
 
 # --- the plain routes -------------------------------------------------------
 

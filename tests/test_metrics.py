@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ops.metrics import (
     MULTIPROC_DIR_VARIABLE,
@@ -19,22 +18,11 @@ from gateway.ops.metrics import (
     prepare_multiprocess_dir,
 )
 
+from .support.metrics import samples, series
+
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "/v1/chat/completions"
 ALICE = {"deployment": "gpt-4o", "key": "alice"}
-
-
-def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by name and sorted labels."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
-
-
-def series(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    return name, tuple(sorted(labels.items()))
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import API_VERSION, DEPLOYMENT, PYTHON, ROOT, free_port
+from .support.metrics import samples, series
 
 PM2 = ROOT / "node_modules" / ".bin" / "pm2"
 APP = "azure-gpt-api"
@@ -328,13 +328,7 @@ def served_requests(port: str) -> float:
         text = connection.getresponse().read().decode()
     finally:
         connection.close()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "gateway_requests_total"
-        and sample.labels == {"route": "gpt_chat", "status": "200"}
-    )
+    return samples(text).get(series("gateway_requests_total", route="gpt_chat", status="200"), 0.0)
 
 
 def post_json(url: str, obj: dict) -> None:
