@@ -628,8 +628,7 @@ async def test_metrics_after_a_known_sequence_and_the_metrics_key(start_keyed_ga
             found, "gateway_tokens_total", key="rpm3", deployment="gpt-4o", kind=kind
         ) == sum(usage[f"{kind}_tokens"] for usage in usages)
     assert not any(
-        name == "gateway_tokens_total" and ("key", "anonymous") in labels
-        for name, labels in found
+        name == "gateway_tokens_total" and ("key", "anonymous") in labels for name, labels in found
     )
     assert sample(found, "gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok") == 3
     assert sample(found, "gateway_quota_rejections_total", key="rpm3", limit="requests") == 1
