@@ -34,6 +34,7 @@ from gateway.encoding import compact_json
 from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
+from gateway.holders import Holders, response_not_found
 from gateway.ops.metrics import Metrics
 from gateway.policy.affinity import AffinityStore, MemoryAffinity
 from gateway.policy.deployments import Deployment
@@ -235,6 +236,7 @@ class Pipeline:
         self.quota = quota
         self.metrics = metrics
         self.affinity = affinity or MemoryAffinity(settings.response_affinity_ttl)
+        self.holders = Holders(self.pool, self.affinity, upstream, metrics)
         self.in_flight = InFlight()
 
     async def run(self, face: Face, inbound: Inbound, record: RequestRecord) -> Answer:
@@ -266,7 +268,13 @@ class Pipeline:
             candidates = self.candidates(face, model, record.caller)
             held = face.held_response(request, inbound.path_args) if face.held_response else None
             if held is not None:
-                candidates = await self.holder(face, held, candidates, inbound, record)
+                holder = await self.holders.holder(face, held, candidates)
+                if holder is None and not face.reads_body:
+                    await self.admit(record)
+                    return await self.probe(face, target, held, candidates, inbound, record)
+                if holder is None:
+                    holder = await self.holders.look_up(face, held, candidates, inbound)
+                candidates = (holder,)
             await self.admit(record)
             if body is not None and face.may_stream and body.body.get("stream"):
                 return await self.stream(face, target, body, candidates, inbound, record, held)
@@ -302,80 +310,6 @@ class Pipeline:
         """The names GET /v1/models lists for this caller."""
         allowed = caller.models if caller else None
         return [name for name in self.pool.model_names() if allowed is None or name in allowed]
-
-    async def holder(
-        self,
-        face: Face,
-        response_id: str,
-        candidates: tuple[Deployment, ...],
-        inbound: Inbound,
-        record: RequestRecord,
-    ) -> tuple[Deployment, ...]:
-        """The one deployment holding `response_id`, among `candidates`: as recorded, or
-        else looked up on each candidate in turn (and then recorded)."""
-        name = await self.affinity.owner(response_id)
-        holder = next((d for d in candidates if d.name == name), None)
-        if holder is None and name is not None and self.pool.by_name(name) is not None:
-            raise GatewayError(
-                400,
-                "deployment_mismatch",
-                f"The response {response_id!r} is held by the deployment {name!r}, which does "
-                "not serve the model asked for (or which your key may not use).",
-                param="model" if face.reads_body else None,
-            )
-        if holder is None:
-            holder = await self.look_up(face, response_id, candidates, inbound)
-            await self.affinity.record(response_id, holder.name)
-        return (holder,)
-
-    async def look_up(
-        self, face: Face, response_id: str, candidates: tuple[Deployment, ...], inbound: Inbound
-    ) -> Deployment:
-        """The first candidate whose `GET /responses/{id}` answers other than 404."""
-        failure: GatewayError | None = None
-        for deployment in candidates:
-            call = UpstreamCall(inbound.request_id)
-            try:
-                await self.upstream.complete(
-                    deployment, UpstreamTarget(face.operation, "GET", response_id), None, call
-                )
-            except GatewayError as error:
-                if error.upstream_status == 404:
-                    self.metrics.count_attempt(deployment.name, "not_found")
-                    continue
-                self.metrics.count_attempt(deployment.name, error.code)
-                failure = error
-                continue
-            self.metrics.count_attempt(deployment.name, "ok")
-            return deployment
-        if failure is not None:
-            raise failure
-        if face.reads_body:
-            raise GatewayError(
-                400,
-                "previous_response_not_found",
-                f"Previous response with id {response_id!r} not found on any deployment.",
-                param="previous_response_id",
-            )
-        raise GatewayError(
-            404, "not_found", f"Response with id {response_id!r} not found on any deployment."
-        )
-
-    async def remember(
-        self,
-        face: Face,
-        response: dict[str, Any] | None,
-        request: Mapping[str, Any] | None,
-        deployment: Deployment,
-    ) -> None:
-        """Record a stored response's deployment (not one made with `store: false`)."""
-        if not face.records_response or not isinstance(response, dict):
-            return
-        if (request or {}).get("store") is False or response.get("store") is False:
-            return
-        response_id = response.get("id")
-        if isinstance(response_id, str) and response_id:
-            await self.affinity.record(response_id, deployment.name)
 
     async def admit(self, record: RequestRecord) -> None:
         """Count the request against its key's quota; 429 without calling Azure when over."""
@@ -433,13 +367,42 @@ class Pipeline:
             plan.succeeded(deployment)
             if response is None:
                 break
-            await self.remember(
+            await self.holders.remember(
                 face, response.document, None if body is None else body.body, deployment
             )
             if held is not None and face.method == "DELETE":
                 await self.affinity.forget(held)
             return await self._answered(face, response, record)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
+
+    async def probe(
+        self,
+        face: Face,
+        target: UpstreamTarget,
+        response_id: str,
+        candidates: tuple[Deployment, ...],
+        inbound: Inbound,
+        record: RequestRecord,
+    ) -> Answer:
+        """A request for an id no deployment is recorded for, asked of each candidate in
+        turn: the first that answers it holds the response (gateway/holders.py)."""
+        failure: GatewayError | None = None
+        for deployment in candidates:
+            call = self._begin_attempt(deployment, inbound, record)
+            try:
+                response = await self.upstream.complete(deployment, target, None, call)
+            except GatewayError as error:
+                self.metrics.count_attempt(deployment.name, error.code)
+                if error.upstream_status != 404:
+                    failure = error
+                continue
+            self.metrics.count_attempt(deployment.name, "ok")
+            if response is None:
+                raise GatewayError(499, "client_closed_request", "The caller went away.")
+            if face.method != "DELETE":
+                await self.affinity.record(response_id, deployment.name)
+            return await self._answered(face, response, record)
+        raise failure or response_not_found(response_id)
 
     async def _held_failure(
         self, face: Face, response_id: str, deployment: Deployment, error: GatewayError
@@ -449,14 +412,7 @@ class Pipeline:
         if error.upstream_status != 404 or face.reads_body:
             return
         await self.affinity.forget(response_id)
-        raise GatewayError(
-            404,
-            "not_found",
-            f"Response with id {response_id!r} not found on the deployment "
-            f"{deployment.name!r} that held it (deleted or expired).",
-            upstream_status=404,
-            upstream_headers=error.upstream_headers,
-        )
+        raise response_not_found(response_id, deployment, error)
 
     async def _answered(
         self, face: Face, response: UpstreamResponse, record: RequestRecord
@@ -539,7 +495,7 @@ class Pipeline:
                         created = created_response(event)
                         if created is not None:
                             unrecorded = False
-                            await self.remember(face, created, body.body, record.deployment)
+                            await self.holders.remember(face, created, body.body, record.deployment)
                             break
                 for event in events:
                     usage = face.usage_in_event(event)
