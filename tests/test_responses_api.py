@@ -212,3 +212,17 @@ async def test_an_unknown_future_field_reaches_azure(v1_gateway):
     response = await v1_gateway.post("/openai/v1/responses", body)
     assert response.code == 200
     assert v1_gateway.emulator.requests[-1].json == body
+
+
+@pytest.mark.gen_test
+async def test_an_idle_stream_ends_with_an_error_event_the_sdk_raises(start_gateway):
+    gateway = start_gateway(API_VERSION="v1", STREAM_IDLE_TIMEOUT="0.2")
+    gateway.emulator.add_fault(Fault(chunk_gap=5))
+    async with client_of(gateway) as client:
+        stream = await client.responses.create(model=DEPLOYMENT, input="slow", stream=True)
+        seen = []
+        with pytest.raises(openai.APIError) as raised:
+            async for event in stream:
+                seen.append(event)
+    assert [event.type for event in seen] == ["response.created"]
+    assert raised.value.code == "stream_idle_timeout"
