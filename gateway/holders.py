@@ -23,6 +23,9 @@ from gateway.policy.deployments import Deployment
 from gateway.policy.failover import DeploymentPool
 from gateway.upstream.client import UpstreamCall, UpstreamClient, UpstreamTarget
 
+# The attempts metric's outcome for a deployment asked for an id it does not hold.
+NOT_HELD = "not_held"
+
 
 def response_not_found(
     response_id: str, holder: Deployment | None = None, error: GatewayError | None = None
@@ -78,19 +81,21 @@ class Holders:
         return holder
 
     async def look_up(
-        self, face: Face, response_id: str, candidates: tuple[Deployment, ...], inbound: Any
+        self, face: Face, response_id: str, candidates: tuple[Deployment, ...], request_id: str
     ) -> Deployment:
         """The first candidate whose `GET /responses/{id}` succeeds, recorded as its holder."""
         failure: GatewayError | None = None
         for deployment in candidates:
-            call = UpstreamCall(inbound.request_id)
+            call = UpstreamCall(request_id)
             target = UpstreamTarget(face.operation, "GET", response_id)
             try:
                 await self.upstream.complete(deployment, target, None, call)
             except GatewayError as error:
+                if error.upstream_status == 404:
+                    self.metrics.count_attempt(deployment.name, NOT_HELD)
+                    continue
                 self.metrics.count_attempt(deployment.name, error.code)
-                if error.upstream_status != 404:
-                    failure = error
+                failure = error
                 continue
             self.metrics.count_attempt(deployment.name, "ok")
             await self.affinity.record(response_id, deployment.name)

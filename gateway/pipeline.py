@@ -34,7 +34,7 @@ from gateway.encoding import compact_json
 from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
-from gateway.holders import Holders, response_not_found
+from gateway.holders import NOT_HELD, Holders, response_not_found
 from gateway.ops.metrics import Metrics
 from gateway.policy.affinity import AffinityStore, MemoryAffinity
 from gateway.policy.deployments import Deployment
@@ -251,11 +251,9 @@ class Pipeline:
                 self.validators[face.schema].validate(request)
             model = face.model(request, inbound.path_args)
             body: UpstreamBody | None = None
-            if not face.reads_body:
-                pass
-            elif face.build_body is None:
+            if face.reads_body and face.build_body is None:
                 body = UpstreamBody(request, inbound.body)
-            else:
+            elif face.reads_body and face.build_body is not None:
                 body = UpstreamBody(
                     face.build_body(request, self.settings.parameter_defaults), None
                 )
@@ -273,7 +271,7 @@ class Pipeline:
                     await self.admit(record)
                     return await self.probe(face, target, held, candidates, inbound, record)
                 if holder is None:
-                    holder = await self.holders.look_up(face, held, candidates, inbound)
+                    holder = await self.holders.look_up(face, held, candidates, inbound.request_id)
                 candidates = (holder,)
             await self.admit(record)
             if body is not None and face.may_stream and body.body.get("stream"):
@@ -392,9 +390,11 @@ class Pipeline:
             try:
                 response = await self.upstream.complete(deployment, target, None, call)
             except GatewayError as error:
+                if error.upstream_status == 404:
+                    self.metrics.count_attempt(deployment.name, NOT_HELD)
+                    continue
                 self.metrics.count_attempt(deployment.name, error.code)
-                if error.upstream_status != 404:
-                    failure = error
+                failure = error
                 continue
             self.metrics.count_attempt(deployment.name, "ok")
             if response is None:

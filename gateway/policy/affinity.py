@@ -17,7 +17,9 @@ Two stores share one interface (`AffinityStore`):
   because Redis is down is looked up on the deployments instead.
 
 Entries expire after `ttl` seconds (`RESPONSE_AFFINITY_TTL`, by default Azure's
-30 days of retention).
+30 days of retention). In memory, at most `MAX_MEMORY_ENTRIES` are kept, the
+oldest forgotten first (a forgotten id is looked up again when asked for):
+30 days of a busy server's responses would otherwise be memory without bound.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from redis.exceptions import RedisError
 from gateway.policy.quota import DEFAULT_REDIS_PREFIX, REDIS_CONNECT_TIMEOUT, REDIS_SOCKET_TIMEOUT
 
 _REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# About 200 bytes each: some 200 MB at most.
+MAX_MEMORY_ENTRIES = 1_000_000
 
 
 class AffinityStore(Protocol):
@@ -49,8 +53,15 @@ class AffinityStore(Protocol):
 class MemoryAffinity:
     """Response ids of this process, oldest first (all entries share one ttl)."""
 
-    def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = MAX_MEMORY_ENTRIES,
+    ) -> None:
         self.ttl = ttl
+        self.max_entries = max_entries
         self._clock = clock
         self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
@@ -72,6 +83,8 @@ class MemoryAffinity:
         self._expire(now)
         self._owners.pop(response_id, None)
         self._owners[response_id] = (deployment, now + self.ttl)
+        if len(self._owners) > self.max_entries:
+            self._owners.popitem(last=False)
 
     async def forget(self, response_id: str) -> None:
         self._owners.pop(response_id, None)
