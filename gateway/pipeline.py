@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import Settings
 from gateway.encoding import compact_json
@@ -37,7 +37,7 @@ from gateway.policy.deployments import Deployment
 from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.quota import ANONYMOUS, QuotaStore
-from gateway.upstream.client import UpstreamCall, UpstreamClient, UpstreamResponse, UpstreamStream
+from gateway.upstream.client import UpstreamCall, UpstreamResponse
 from gateway.validation import BodyValidator
 
 # Upstream response headers worth passing to the caller.
@@ -47,6 +47,31 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+class EventStream(Protocol):
+    """Azure's events, pulled (gateway.upstream.client.UpstreamStream)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """What the pipeline asks of Azure (gateway.upstream.client.UpstreamClient)."""
+
+    async def complete(
+        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+    ) -> UpstreamResponse | None: ...
+
+    async def open_stream(
+        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+    ) -> EventStream | None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -181,7 +206,7 @@ class Pipeline:
         self,
         *,
         settings: Settings,
-        upstream: UpstreamClient,
+        upstream: Upstream,
         failover: Failover,
         validators: Mapping[str, BodyValidator],
         keyring: KeyRing,
@@ -347,7 +372,7 @@ class Pipeline:
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
     async def _relay(
-        self, face: Face, stream: UpstreamStream, record: RequestRecord, *, drop_usage_event: bool
+        self, face: Face, stream: EventStream, record: RequestRecord, *, drop_usage_event: bool
     ) -> AsyncIterator[bytes]:
         """Azure's events as they came, one chunk per step; the usage event we asked for
         left out; a failure after the start as the face's last error event."""
@@ -362,7 +387,9 @@ class Pipeline:
                             events = [kept for kept in events if kept is not event]
                         break
                 if events:
-                    yield events[0] if len(events) == 1 else b"".join(events)
+                    chunk = events[0] if len(events) == 1 else b"".join(events)
+                    events = []  # only the chunk is held while the caller takes it
+                    yield chunk
         except GatewayError as error:
             yield face.stream_error(error)
         finally:
