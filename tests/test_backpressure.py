@@ -159,3 +159,30 @@ async def test_200_slow_readers_at_once_keep_the_gateways_memory_bounded(tmp_pat
 
     await asyncio.gather(*(reader.read_rest() for reader in readers))
     assert all(reader.body_bytes == firehose.total for reader in readers)
+
+
+@pytest.mark.parametrize("firehose", [20 * 1024 * 1024], indirect=True)
+@pytest.mark.gen_test(timeout=120)
+async def test_time_held_back_by_a_slow_reader_is_not_azure_being_idle(start_gateway, firehose):
+    gateway = start_gateway(ENDPOINT=firehose.url, STREAM_IDLE_TIMEOUT="1")
+    caller = StreamReader(gateway.server.ports["http"])
+    await caller.open()
+    await asyncio.wait_for(firehose.streams[0].blocked.wait(), READ_TIMEOUT)
+    await caller.read_slowly(3.0, step=1.0)  # three times the idle timeout, reading little
+    await caller.read_rest()
+    assert bytes(caller.received) == b"".join(event_stream(firehose.total, EVENT_SIZE))
+
+
+@pytest.mark.parametrize("firehose", [20 * 1024 * 1024], indirect=True)
+@pytest.mark.gen_test(timeout=120)
+async def test_a_slow_reader_that_leaves_stops_the_held_back_upstream(start_gateway, firehose):
+    gateway = start_gateway(ENDPOINT=firehose.url)
+    caller = StreamReader(gateway.server.ports["http"])
+    await caller.open()
+    await asyncio.wait_for(firehose.streams[0].blocked.wait(), READ_TIMEOUT)
+    await caller.read_slowly(SLOW_STEP)
+    assert caller.writer is not None
+    caller.writer.transport.abort()
+    await asyncio.wait_for(firehose.closed.wait(), 5)  # the gateway closed its upstream call
+    assert not firehose.streams[0].finished
+    assert gateway.server.pipeline.upstream.buffered_bytes() == 0
