@@ -108,7 +108,7 @@ class RequestRecord:
         if self.call is not None:
             self.call.abort("client_gone")
 
-    def relay_upstream_headers(self, upstream: Mapping[str, str]) -> None:
+    def pass_on_headers(self, upstream: Mapping[str, str]) -> None:
         for name in RELAYED_HEADERS:
             if name in upstream:
                 self.headers[name] = upstream[name]
@@ -246,7 +246,7 @@ class Pipeline:
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
             if error.upstream_headers:
-                record.relay_upstream_headers(error.upstream_headers)
+                record.pass_on_headers(error.upstream_headers)
             raise
 
     def candidates(
@@ -325,7 +325,7 @@ class Pipeline:
         self, face: Face, response: UpstreamResponse, record: RequestRecord
     ) -> Answer:
         record.upstream_status = response.status
-        record.relay_upstream_headers(response.headers)
+        record.pass_on_headers(response.headers)
         record.usage = face.usage_in_answer(response.document)
         await self.account(record)
         return Answer(
@@ -366,12 +366,12 @@ class Pipeline:
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
-            record.relay_upstream_headers(stream.headers)
-            chunks = self._relay(face, stream, record, drop_usage_event=ask_usage)
+            record.pass_on_headers(stream.headers)
+            chunks = self._stream_chunks(face, stream, record, drop_usage_event=ask_usage)
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
-    async def _relay(
+    async def _stream_chunks(
         self, face: Face, stream: EventStream, record: RequestRecord, *, drop_usage_event: bool
     ) -> AsyncIterator[bytes]:
         """Azure's events as they came, one chunk per step; the usage event we asked for
