@@ -13,7 +13,7 @@ one that answers is recorded.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import GatewayError
 from gateway.faces import Face
@@ -21,7 +21,7 @@ from gateway.ops.metrics import Metrics
 from gateway.policy.affinity import AffinityStore
 from gateway.policy.deployments import Deployment
 from gateway.policy.failover import DeploymentPool
-from gateway.upstream.client import UpstreamCall, UpstreamClient, UpstreamTarget
+from gateway.upstream.client import UpstreamCall, UpstreamResponse, UpstreamTarget
 
 # The attempts metric's outcome for a deployment asked for an id it does not hold.
 NOT_HELD = "not_held"
@@ -45,6 +45,14 @@ def response_not_found(
     )
 
 
+class ReadsResponses(Protocol):
+    """The part of the upstream client a look-up uses (gateway.upstream.client)."""
+
+    async def complete(
+        self, deployment: Deployment, target: UpstreamTarget, body: None, call: UpstreamCall
+    ) -> UpstreamResponse | None: ...
+
+
 class Holders:
     """The deployments holding stored responses, over one pool and one affinity store."""
 
@@ -52,7 +60,7 @@ class Holders:
         self,
         pool: DeploymentPool,
         affinity: AffinityStore,
-        upstream: UpstreamClient,
+        upstream: ReadsResponses,
         metrics: Metrics,
     ) -> None:
         self.pool = pool

@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import Settings
 from gateway.encoding import compact_json
@@ -42,13 +42,7 @@ from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.quota import ANONYMOUS, QuotaStore, has_limits
 from gateway.responses import created_response
-from gateway.upstream.client import (
-    UpstreamCall,
-    UpstreamClient,
-    UpstreamResponse,
-    UpstreamStream,
-    UpstreamTarget,
-)
+from gateway.upstream.client import UpstreamCall, UpstreamResponse, UpstreamTarget
 from gateway.upstream.urls import names_model_in_body
 from gateway.validation import BodyValidator
 
@@ -62,6 +56,43 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+class EventStream(Protocol):
+    """Azure's events, pulled (gateway.upstream.client.UpstreamStream)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """What the pipeline asks of Azure (gateway.upstream.client.UpstreamClient)."""
+
+    async def complete(
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        *,
+        parse: bool = True,
+    ) -> UpstreamResponse | None: ...
+
+    async def open_stream(
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        *,
+        ends_stream: Callable[[bytes], bool] = ...,
+    ) -> EventStream | None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -98,7 +129,7 @@ class RequestRecord:
         if self.call is not None:
             self.call.abort("client_gone")
 
-    def relay_upstream_headers(self, upstream: Mapping[str, str]) -> None:
+    def pass_on_headers(self, upstream: Mapping[str, str]) -> None:
         for name in RELAYED_HEADERS:
             if name in upstream:
                 self.headers[name] = upstream[name]
@@ -219,7 +250,7 @@ class Pipeline:
         self,
         *,
         settings: Settings,
-        upstream: UpstreamClient,
+        upstream: Upstream,
         failover: Failover,
         validators: Mapping[str, BodyValidator],
         keyring: KeyRing,
@@ -281,7 +312,7 @@ class Pipeline:
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
             if error.upstream_headers:
-                record.relay_upstream_headers(error.upstream_headers)
+                record.pass_on_headers(error.upstream_headers)
             raise
 
     def candidates(
@@ -418,7 +449,7 @@ class Pipeline:
         self, face: Face, response: UpstreamResponse, record: RequestRecord
     ) -> Answer:
         record.upstream_status = response.status
-        record.relay_upstream_headers(response.headers)
+        record.pass_on_headers(response.headers)
         if face.usage_in_body is not None:
             record.usage = face.usage_in_body(response.body)
         else:
@@ -468,15 +499,15 @@ class Pipeline:
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
-            record.relay_upstream_headers(stream.headers)
-            chunks = self._relay(face, stream, record, body, drop_usage_event=ask_usage)
+            record.pass_on_headers(stream.headers)
+            chunks = self._stream_chunks(face, stream, record, body, drop_usage_event=ask_usage)
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
-    async def _relay(
+    async def _stream_chunks(
         self,
         face: Face,
-        stream: UpstreamStream,
+        stream: EventStream,
         record: RequestRecord,
         body: UpstreamBody,
         *,
@@ -506,7 +537,9 @@ class Pipeline:
                         break
                 if events:
                     last_event = events[-1]
-                    yield events[0] if len(events) == 1 else b"".join(events)
+                    chunk = events[0] if len(events) == 1 else b"".join(events)
+                    events = []  # only the chunk is held while the caller takes it
+                    yield chunk
         except GatewayError as error:
             yield face.stream_error(error, last_event)
         finally:
