@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import openai
 import pytest
@@ -10,9 +11,11 @@ import pytest
 from emulator import Fault
 
 from .conftest import DEPLOYMENT, EMULATOR_KEY
+from .support.deployments import write_deployments_file
 from .support.metrics import sample, samples
 
 PREVIEW = "2025-04-01-preview"
+ONE_A_MINUTE = "one-request-a-minute-key-52"
 
 
 @pytest.fixture
@@ -20,8 +23,8 @@ def v1_gateway(start_gateway):
     return start_gateway(API_VERSION="v1", MAX_ATTEMPTS="1")
 
 
-def client_of(gateway, base: str = "/v1") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.url + base, api_key="unused", max_retries=0)
+def client_of(gateway, base: str = "/v1", key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gateway.url + base, api_key=key, max_retries=0)
 
 
 async def tokens_counted(gateway) -> tuple[float, float, dict]:
@@ -226,3 +229,68 @@ async def test_an_idle_stream_ends_with_an_error_event_the_sdk_raises(start_gate
                 seen.append(event)
     assert [event.type for event in seen] == ["response.created"]
     assert raised.value.code == "stream_idle_timeout"
+
+
+def access_lines(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "azure-gpt-api.access"]
+
+
+@pytest.mark.gen_test
+async def test_access_log_and_request_metrics_name_the_responses_routes(start_gateway, caplog):
+    caplog.set_level(logging.INFO, logger="azure-gpt-api.access")
+    gateway = start_gateway(API_VERSION="v1", LOG_FORMAT="json")
+    async with client_of(gateway) as client:
+        created = await client.responses.create(model=DEPLOYMENT, input="logged")
+        stream = await client.responses.create(model=DEPLOYMENT, input="logged", stream=True)
+        streamed = [event async for event in stream][-1].response
+        await client.responses.retrieve(created.id)
+        await client.responses.delete(created.id)
+    lines = access_lines(caplog)
+    assert [(line["route"], line["method"], line["status"]) for line in lines] == [
+        ("responses", "POST", 200),
+        ("responses", "POST", 200),
+        ("responses_retrieve", "GET", 200),
+        ("responses_delete", "DELETE", 200),
+    ]
+    assert (lines[0]["prompt_tokens"], lines[0]["completion_tokens"]) == (
+        created.usage.input_tokens,
+        created.usage.output_tokens,
+    )
+    assert lines[1]["completion_tokens"] == streamed.usage.output_tokens
+    assert lines[1]["ttft_ms"] is not None
+    assert all(line["deployment"] == DEPLOYMENT for line in lines)
+    metrics = samples((await gateway.get("/metrics")).body)
+    assert sample(metrics, "gateway_requests_total", route="responses", status="200") == 2
+    assert sample(metrics, "gateway_requests_total", route="responses_delete", status="200") == 1
+
+
+@pytest.mark.gen_test
+async def test_keys_and_quotas_hold_for_responses(tmp_path, emulator, start_gateway):
+    path = write_deployments_file(
+        tmp_path,
+        [
+            {
+                "name": DEPLOYMENT,
+                "endpoint": emulator.url,
+                "deployment": DEPLOYMENT,
+                "api_version": "v1",
+                "key": EMULATOR_KEY,
+            }
+        ],
+        keys=[{"name": "once", "key": ONE_A_MINUTE, "rpm": 1}],
+    )
+    # One quota window for the whole test, whenever it runs.
+    gateway = start_gateway(clock=lambda: 1_800_000_000.0, DEPLOYMENTS_FILE=path)
+    async with client_of(gateway, key="wrong-key") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.responses.create(model=DEPLOYMENT, input="x")
+        with pytest.raises(openai.AuthenticationError):
+            await client.responses.retrieve("resp_1")
+    assert emulator.requests == []
+    async with client_of(gateway, key=ONE_A_MINUTE) as client:
+        created = await client.responses.create(model=DEPLOYMENT, input="x")
+        with pytest.raises(openai.RateLimitError) as raised:
+            await client.responses.retrieve(created.id)
+    headers = raised.value.response.headers
+    assert int(headers["retry-after-ms"]) == int(headers["Retry-After"]) * 1000
+    assert [r.operation for r in emulator.requests] == ["responses.create"]
