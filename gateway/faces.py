@@ -216,19 +216,26 @@ OPENAI_RESPONSE_RETRIEVE = replace(
     method="GET",
     reads_body=False,
     item="{0}",
-    may_stream=False,
     held_response=response_in_path,
     records_response=False,
     model=no_model,
 )
+# Only a retrieve streams (`?stream=true`: a background response's events again).
 OPENAI_RESPONSE_DELETE = replace(
-    OPENAI_RESPONSE_RETRIEVE, route="responses_delete", method="DELETE"
+    OPENAI_RESPONSE_RETRIEVE, route="responses_delete", method="DELETE", may_stream=False
 )
 OPENAI_RESPONSE_CANCEL = replace(
-    OPENAI_RESPONSE_RETRIEVE, route="responses_cancel", method="POST", item="{0}/cancel"
+    OPENAI_RESPONSE_RETRIEVE,
+    route="responses_cancel",
+    method="POST",
+    item="{0}/cancel",
+    may_stream=False,
 )
 OPENAI_RESPONSE_INPUT_ITEMS = replace(
-    OPENAI_RESPONSE_RETRIEVE, route="responses_input_items", item="{0}/input_items"
+    OPENAI_RESPONSE_RETRIEVE,
+    route="responses_input_items",
+    item="{0}/input_items",
+    may_stream=False,
 )
 OPENAI_RESPONSES_FACES = (
     OPENAI_RESPONSES,

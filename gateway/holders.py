@@ -91,7 +91,8 @@ class Holders:
     async def look_up(
         self, face: Face, response_id: str, candidates: tuple[Deployment, ...], request_id: str
     ) -> Deployment:
-        """The first candidate whose `GET /responses/{id}` succeeds, recorded as its holder."""
+        """The first candidate whose `GET /responses/{id}` succeeds, recorded as its holder
+        (for a create's `previous_response_id`, and before a stream is resumed)."""
         failure: GatewayError | None = None
         for deployment in candidates:
             call = UpstreamCall(request_id)
@@ -110,6 +111,8 @@ class Holders:
             return deployment
         if failure is not None:
             raise failure
+        if not face.reads_body:
+            raise response_not_found(response_id)
         raise GatewayError(
             400,
             "previous_response_not_found",

@@ -236,6 +236,11 @@ class UpstreamBody:
         return self.encoded(ask_usage, named)
 
 
+def asks_stream(query: str) -> bool:
+    """`?stream=true`: a stored response's events again (resuming a background stream)."""
+    return "stream=true" in query.split("&")
+
+
 def forwarded_query(query: str) -> str:
     """The caller's query string without `api-version` (each deployment has its own)."""
     return "&".join(
@@ -295,17 +300,20 @@ class Pipeline:
                 forwarded_query(inbound.query) if face.passes_query else "",
             )
             candidates = self.candidates(face, model, record.caller)
+            streams = face.may_stream and (
+                bool(body.body.get("stream")) if body is not None else asks_stream(inbound.query)
+            )
             held = face.held_response(request, inbound.path_args) if face.held_response else None
             if held is not None:
                 holder = await self.holders.holder(face, held, candidates)
-                if holder is None and not face.reads_body:
+                if holder is None and not face.reads_body and not streams:
                     await self.admit(record)
                     return await self.probe(face, target, held, candidates, inbound, record)
                 if holder is None:
                     holder = await self.holders.look_up(face, held, candidates, inbound.request_id)
                 candidates = (holder,)
             await self.admit(record)
-            if body is not None and face.may_stream and body.body.get("stream"):
+            if streams:
                 return await self.stream(face, target, body, candidates, inbound, record, held)
             return await self.complete(face, target, body, candidates, inbound, record, held)
         except GatewayError as error:
@@ -464,14 +472,14 @@ class Pipeline:
         self,
         face: Face,
         target: UpstreamTarget,
-        body: UpstreamBody,
+        body: UpstreamBody | None,
         candidates: tuple[Deployment, ...],
         inbound: Inbound,
         record: RequestRecord,
         held: str | None = None,
     ) -> Answer:
         """A stream, from the first attempt whose first events arrive."""
-        caller_asked_usage = caller_wants_stream_usage(body.body)
+        caller_asked_usage = body is not None and caller_wants_stream_usage(body.body)
         plan = self.failover.plan(candidates, pinned=held is not None)
         while not record.caller_gone:
             deployment = await plan.next_deployment()
@@ -485,7 +493,9 @@ class Pipeline:
                 stream = await self.upstream.open_stream(
                     deployment,
                     target,
-                    body.for_deployment(deployment, face.operation, ask_usage),
+                    None
+                    if body is None
+                    else body.for_deployment(deployment, face.operation, ask_usage),
                     call,
                     ends_stream=face.ends_stream,
                 )
@@ -509,7 +519,7 @@ class Pipeline:
         face: Face,
         stream: EventStream,
         record: RequestRecord,
-        body: UpstreamBody,
+        body: UpstreamBody | None,
         *,
         drop_usage_event: bool,
     ) -> AsyncIterator[bytes]:
@@ -526,7 +536,12 @@ class Pipeline:
                         created = created_response(event)
                         if created is not None:
                             unrecorded = False
-                            await self.holders.remember(face, created, body.body, record.deployment)
+                            await self.holders.remember(
+                                face,
+                                created,
+                                None if body is None else body.body,
+                                record.deployment,
+                            )
                             break
                 for event in events:
                     usage = face.usage_in_event(event)

@@ -12,6 +12,7 @@ from emulator import Fault
 
 from .conftest import DEPLOYMENT, EMULATOR_KEY
 from .support.deployments import write_deployments_file
+from .support.loopback import ScriptedServer, ok, reply
 from .support.metrics import sample, samples
 
 PREVIEW = "2025-04-01-preview"
@@ -294,3 +295,38 @@ async def test_keys_and_quotas_hold_for_responses(tmp_path, emulator, start_gate
     headers = raised.value.response.headers
     assert int(headers["retry-after-ms"]) == int(headers["Retry-After"]) * 1000
     assert [r.operation for r in emulator.requests] == ["responses.create"]
+
+
+def sse(kind: str, number: int, **fields) -> bytes:
+    data = json.dumps({"type": kind, "sequence_number": number, **fields})
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+@pytest.mark.gen_test
+async def test_a_background_stream_is_resumed_on_its_deployment(start_gateway):
+    azure = ScriptedServer()
+    await azure.start()
+    try:
+        stored = {"id": "resp_bg", "object": "response", "status": "in_progress"}
+        azure.queue(ok(json.dumps(stored).encode(), "Content-Type: application/json"))
+        final = stored | {"status": "completed", "usage": {"input_tokens": 3, "output_tokens": 2}}
+        events = [
+            sse("response.output_text.delta", 4, item_id="m", output_index=0, content_index=0,
+                delta="lo", logprobs=[]),
+            sse("response.completed", 5, response=final),
+        ]  # fmt: skip
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+        azure.queue(reply(head + b"".join(events)), close=True)
+        gateway = start_gateway(ENDPOINT=azure.url, API_VERSION="v1")
+        async with client_of(gateway) as client:
+            stream = await client.responses.retrieve("resp_bg", stream=True, starting_after=3)
+            seen = [event async for event in stream]
+    finally:
+        await azure.stop()
+    assert [event.type for event in seen] == ["response.output_text.delta", "response.completed"]
+    lookup, resumed = (request.split(b"\r\n", 1)[0] for request in azure.requests)
+    assert lookup == b"GET /openai/v1/responses/resp_bg HTTP/1.1"
+    path, query = resumed.removesuffix(b" HTTP/1.1").split(b"?")
+    assert path == b"GET /openai/v1/responses/resp_bg"
+    assert sorted(query.split(b"&")) == [b"starting_after=3", b"stream=true"]
+    assert await gateway.server.pipeline.affinity.owner("resp_bg") == DEPLOYMENT
