@@ -43,14 +43,14 @@ class ApiHandler(BodyReadingHandler):
         if self.request.method == "DELETE" and self._delete_face is not None:
             self.face = self._delete_face
             self.route = self.face.route
-        if self.request.method not in (self.face.method, "OPTIONS"):
-            raise HTTPError(405)
         self.pipeline.in_flight.enter()
         self._counted = True
         supplied = self.request.headers.get("x-request-id", "")
         self.request_id = supplied if _REQUEST_ID.match(supplied) else secrets.token_hex(16)
         self.record = RequestRecord(headers={"x-request-id": self.request_id})
         self.set_header("x-request-id", self.request_id)
+        if self.request.method not in (self.face.method, "OPTIONS"):
+            raise HTTPError(405)
 
     async def post(self, *path_args: str) -> None:
         await self.serve(path_args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import openai
 import pytest
@@ -221,3 +222,18 @@ async def test_azures_remaining_limits_reach_callers_without_limits_of_their_own
         "x-ratelimit-remaining-requests": "99",
         "x-ratelimit-remaining-tokens": None,
     }
+
+
+@pytest.mark.gen_test
+async def test_a_wrong_method_on_an_api_route_is_logged_like_any_answer(gateway, caplog):
+    caplog.set_level(logging.INFO, logger="azure-gpt-api.access")
+    response = await gateway.client.fetch(
+        gateway.url + "/v1/responses/resp_1/cancel", method="DELETE", raise_error=False
+    )
+    assert response.code == 405
+    assert "DELETE" in json.loads(response.body)["error"]["message"]
+    logged = [
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "azure-gpt-api.access"
+    ]
+    assert [(line["route"], line["status"]) for line in logged] == [("responses_cancel", 405)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
