@@ -30,7 +30,7 @@ from handlers.listeners import GatewayServer
 log = logging.getLogger("azure-gpt-api")
 
 EMULATOR_DEPLOYMENT = "gpt-4o"
-EMULATOR_API_VERSION = "2024-10-21"
+EMULATOR_API_VERSION = "v1"
 
 
 def tell_pm2_ready() -> None:

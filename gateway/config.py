@@ -222,7 +222,15 @@ SINGLE_DEPLOYMENT = (
         "endpoint",
     ),
     (Variable("DEPLOYMENT_NAME", str, "Azure deployment"), "deployment"),
-    (Variable("API_VERSION", str, "e.g. `2024-10-21`"), "api_version"),
+    (
+        Variable(
+            "API_VERSION",
+            str,
+            "`v1` (Azure's v1 API: `/openai/v1/...`, the model named in the body), `preview`, "
+            "or a dated version such as `2024-10-21`",
+        ),
+        "api_version",
+    ),
     (Variable("KEY", Secret, "Azure key, sent as `api-key`"), "key"),
 )
 DEPLOYMENTS_FILE = Variable(
@@ -277,6 +285,13 @@ class Settings:
         _redis_error_mode,
         "`open` admits when Redis is down, `closed` answers 503",
         "open",
+    )
+    response_affinity_ttl: float = setting(
+        "RESPONSE_AFFINITY_TTL",
+        _seconds,
+        "s, how long the deployment holding a stored response is remembered (in Redis with "
+        "`REDIS_URL`); Azure keeps responses 30 days",
+        30 * 24 * 3600.0,
     )
     metrics_key: Secret | None = setting(
         "METRICS_KEY", Secret, "require this key for `GET /metrics`"

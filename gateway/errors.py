@@ -133,6 +133,16 @@ def retry_after_seconds(headers: Mapping[str, str]) -> int | None:
     return None if delay is None else max(1, math.ceil(delay))
 
 
+def retry_after_headers(delay: float | None) -> dict[str, str] | None:
+    """Both headers clients read on a 429: `retry-after-ms` and `Retry-After` (whole seconds)."""
+    if delay is None:
+        return None
+    return {
+        "Retry-After": str(max(1, math.ceil(delay))),
+        "retry-after-ms": str(round(delay * 1000)),
+    }
+
+
 def _parse_error_object(body: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(body)
@@ -148,12 +158,11 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
     upstream = _parse_error_object(body)
     upstream_message = str((upstream or {}).get("message") or "").strip()
     if status == 429:
-        wait = retry_after_seconds(headers)
         return GatewayError(
             429,
             str((upstream or {}).get("code") or "rate_limited"),
             upstream_message or "Azure OpenAI rate limit reached; retry later.",
-            headers={"Retry-After": str(wait)} if wait is not None else None,
+            headers=retry_after_headers(retry_after_delay(headers)),
             upstream_error=upstream,
             upstream_status=status,
             upstream_headers=headers,

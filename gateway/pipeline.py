@@ -3,9 +3,11 @@
 `Pipeline.run(face, inbound, record)`:
 
 1. authenticate the caller's key;
-2. read the body as JSON, check it against the face's schema, and build the
-   upstream body and the model it asks for;
-3. pick the candidate deployments (those serving the model that the key may use);
+2. read the body as JSON (unless the face has none), check it against the
+   face's schema, and build the upstream body and the model it asks for;
+3. pick the candidate deployments (those serving the model that the key may
+   use), or the one deployment holding the stored response the request is
+   tied to (gateway/policy/affinity.py);
 4. admit the request against the key's quota (a 429 without calling Azure);
 5. attempt it, failing over between the candidates by gateway/policy/failover.py;
 6. answer: one body, or an async iterator of byte chunks for a stream;
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,16 +34,23 @@ from gateway.encoding import compact_json
 from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
+from gateway.holders import NOT_HELD, Holders, response_not_found
 from gateway.ops.metrics import Metrics
+from gateway.policy.affinity import AffinityStore, MemoryAffinity
 from gateway.policy.deployments import Deployment
 from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
-from gateway.policy.quota import ANONYMOUS, QuotaStore
-from gateway.upstream.client import UpstreamCall, UpstreamResponse
+from gateway.policy.quota import ANONYMOUS, QuotaStore, has_limits
+from gateway.responses import created_response
+from gateway.upstream.client import UpstreamCall, UpstreamResponse, UpstreamTarget
+from gateway.upstream.urls import names_model_in_body
 from gateway.validation import BodyValidator
 
 # Upstream response headers worth passing to the caller.
 RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
+# Azure's own rate-limit state, for callers whose key has no limits of its own
+# (a key with limits gets its key's, from the quota).
+AZURE_RATE_LIMIT_HEADERS = ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -64,11 +73,23 @@ class Upstream(Protocol):
     """What the pipeline asks of Azure (gateway.upstream.client.UpstreamClient)."""
 
     async def complete(
-        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        *,
+        parse: bool = True,
     ) -> UpstreamResponse | None: ...
 
     async def open_stream(
-        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        *,
+        ends_stream: Callable[[bytes], bool] = ...,
     ) -> EventStream | None: ...
 
     def close(self) -> None: ...
@@ -112,6 +133,10 @@ class RequestRecord:
         for name in RELAYED_HEADERS:
             if name in upstream:
                 self.headers[name] = upstream[name]
+        if self.caller is None or not has_limits(self.caller):
+            for name in AZURE_RATE_LIMIT_HEADERS:
+                if name in upstream:
+                    self.headers[name] = upstream[name]
         self.apim_request_id = upstream.get("apim-request-id")
 
     @property
@@ -182,21 +207,45 @@ def read_json_body(inbound: Inbound, limit: int) -> dict[str, Any]:
 
 
 class UpstreamBody:
-    """The bytes sent upstream, made once each: as the caller sent them, or with our
-    request for a stream's usage event (so its tokens can be counted)."""
+    """The bytes sent upstream, made once each: as the caller sent them, with our
+    request for a stream's usage event (so its tokens can be counted), and with
+    `model` set to the Azure deployment's name where the URL does not name it
+    (Azure's v1 API, the Responses API)."""
 
     def __init__(self, body: dict[str, Any], raw: bytes | None) -> None:
         self.body = body
         self._raw = raw  # the caller's own bytes, when `body` is theirs unchanged
-        self._encoded: dict[bool, bytes] = {}
+        self._encoded: dict[tuple[bool, str | None], bytes] = {}
 
-    def encoded(self, ask_usage: bool) -> bytes:
-        if ask_usage not in self._encoded:
+    def encoded(self, ask_usage: bool, model: str | None = None) -> bytes:
+        if model == self.body.get("model"):
+            model = None
+        key = (ask_usage, model)
+        if key not in self._encoded:
+            body = self.body if model is None else {**self.body, "model": model}
             if ask_usage:
-                self._encoded[ask_usage] = compact_json(with_stream_usage(self.body))
+                self._encoded[key] = compact_json(with_stream_usage(body))
+            elif model is None:
+                self._encoded[key] = self._raw or compact_json(body)
             else:
-                self._encoded[ask_usage] = self._raw or compact_json(self.body)
-        return self._encoded[ask_usage]
+                self._encoded[key] = compact_json(body)
+        return self._encoded[key]
+
+    def for_deployment(self, deployment: Deployment, operation: str, ask_usage: bool) -> bytes:
+        named = deployment.deployment if names_model_in_body(deployment, operation) else None
+        return self.encoded(ask_usage, named)
+
+
+def asks_stream(query: str) -> bool:
+    """`?stream=true`: a stored response's events again (resuming a background stream)."""
+    return "stream=true" in query.split("&")
+
+
+def forwarded_query(query: str) -> str:
+    """The caller's query string without `api-version` (each deployment has its own)."""
+    return "&".join(
+        part for part in query.split("&") if part and not part.startswith("api-version=")
+    )
 
 
 class Pipeline:
@@ -212,6 +261,7 @@ class Pipeline:
         keyring: KeyRing,
         quota: QuotaStore,
         metrics: Metrics,
+        affinity: AffinityStore | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
@@ -221,27 +271,51 @@ class Pipeline:
         self.keyring = keyring
         self.quota = quota
         self.metrics = metrics
+        self.affinity = affinity or MemoryAffinity(settings.response_affinity_ttl)
+        self.holders = Holders(self.pool, self.affinity, upstream, metrics)
         self.in_flight = InFlight()
 
     async def run(self, face: Face, inbound: Inbound, record: RequestRecord) -> Answer:
         """Serve one request; a failure is raised as GatewayError, for the face to render."""
         try:
             record.caller = self.keyring.authenticate(inbound.headers)
-            request = read_json_body(inbound, self.settings.max_body_size)
+            request: dict[str, Any] = {}
+            if face.reads_body:
+                request = read_json_body(inbound, self.settings.max_body_size)
             face.check_query(inbound.query)
-            self.validators[face.schema].validate(request)
+            if face.reads_body:
+                self.validators[face.schema].validate(request)
             model = face.model(request, inbound.path_args)
-            if face.build_body is None:
+            body: UpstreamBody | None = None
+            if face.reads_body and face.build_body is None:
                 body = UpstreamBody(request, inbound.body)
-            else:
+            elif face.reads_body and face.build_body is not None:
                 body = UpstreamBody(
                     face.build_body(request, self.settings.parameter_defaults), None
                 )
+            target = UpstreamTarget(
+                face.operation,
+                face.method,
+                face.item.format(*inbound.path_args),
+                forwarded_query(inbound.query) if face.passes_query else "",
+            )
             candidates = self.candidates(face, model, record.caller)
+            streams = face.may_stream and (
+                bool(body.body.get("stream")) if body is not None else asks_stream(inbound.query)
+            )
+            held = face.held_response(request, inbound.path_args) if face.held_response else None
+            if held is not None:
+                holder = await self.holders.holder(face, held, candidates)
+                if holder is None and not face.reads_body and not streams:
+                    await self.admit(record)
+                    return await self.probe(face, target, held, candidates, inbound, record)
+                if holder is None:
+                    holder = await self.holders.look_up(face, held, candidates, inbound.request_id)
+                candidates = (holder,)
             await self.admit(record)
-            if body.body.get("stream"):
-                return await self.stream(face, body, candidates, inbound, record)
-            return await self.complete(face, body, candidates, inbound, record)
+            if streams:
+                return await self.stream(face, target, body, candidates, inbound, record, held)
+            return await self.complete(face, target, body, candidates, inbound, record, held)
         except GatewayError as error:
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
@@ -259,7 +333,7 @@ class Pipeline:
         """
         candidates = self.pool.candidates(model)
         if not candidates:
-            raise face.unknown_model(model)
+            raise face.unknown_model(model, self.visible_models(caller))
         allowed = caller.models if caller else None
         if allowed is None:
             return candidates
@@ -268,6 +342,11 @@ class Pipeline:
         if not usable:
             self.keyring.check_model(caller, [model] if model else [])
         return usable
+
+    def visible_models(self, caller: CallerKey | None) -> list[str]:
+        """The names GET /v1/models lists for this caller."""
+        allowed = caller.models if caller else None
+        return [name for name in self.pool.model_names() if allowed is None or name in allowed]
 
     async def admit(self, record: RequestRecord) -> None:
         """Count the request against its key's quota; 429 without calling Azure when over."""
@@ -296,37 +375,93 @@ class Pipeline:
     async def complete(
         self,
         face: Face,
-        body: UpstreamBody,
+        target: UpstreamTarget,
+        body: UpstreamBody | None,
         candidates: tuple[Deployment, ...],
         inbound: Inbound,
         record: RequestRecord,
+        held: str | None = None,
     ) -> Answer:
         """A non-stream answer, from the first attempt that succeeds."""
-        plan = self.failover.plan(candidates)
+        plan = self.failover.plan(candidates, pinned=held is not None)
         while not record.caller_gone:
             deployment = await plan.next_deployment()
             call = self._begin_attempt(deployment, inbound, record)
+            encoded = (
+                None if body is None else body.for_deployment(deployment, face.operation, False)
+            )
             try:
                 response = await self.upstream.complete(
-                    deployment, face.operation, body.encoded(False), call
+                    deployment, target, encoded, call, parse=face.usage_in_body is None
                 )
             except GatewayError as error:
                 self.metrics.count_attempt(deployment.name, error.code)
+                if held is not None:
+                    await self._held_failure(face, held, deployment, error)
                 plan.failed(deployment, error)
                 continue
             self.metrics.count_attempt(deployment.name, "ok")
             plan.succeeded(deployment)
             if response is None:
                 break
+            await self.holders.remember(
+                face, response.document, None if body is None else body.body, deployment
+            )
+            if held is not None and face.method == "DELETE":
+                await self.affinity.forget(held)
             return await self._answered(face, response, record)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
+
+    async def probe(
+        self,
+        face: Face,
+        target: UpstreamTarget,
+        response_id: str,
+        candidates: tuple[Deployment, ...],
+        inbound: Inbound,
+        record: RequestRecord,
+    ) -> Answer:
+        """A request for an id no deployment is recorded for, asked of each candidate in
+        turn: the first that answers it holds the response (gateway/holders.py)."""
+        failure: GatewayError | None = None
+        for deployment in candidates:
+            call = self._begin_attempt(deployment, inbound, record)
+            try:
+                response = await self.upstream.complete(deployment, target, None, call)
+            except GatewayError as error:
+                if error.upstream_status == 404:
+                    self.metrics.count_attempt(deployment.name, NOT_HELD)
+                    continue
+                self.metrics.count_attempt(deployment.name, error.code)
+                failure = error
+                continue
+            self.metrics.count_attempt(deployment.name, "ok")
+            if response is None:
+                raise GatewayError(499, "client_closed_request", "The caller went away.")
+            if face.method != "DELETE":
+                await self.affinity.record(response_id, deployment.name)
+            return await self._answered(face, response, record)
+        raise failure or response_not_found(response_id)
+
+    async def _held_failure(
+        self, face: Face, response_id: str, deployment: Deployment, error: GatewayError
+    ) -> None:
+        """A 404 from the deployment holding a response: the response is gone (deleted,
+        expired), which is the caller's answer, not a misconfigured deployment."""
+        if error.upstream_status != 404 or face.reads_body:
+            return
+        await self.affinity.forget(response_id)
+        raise response_not_found(response_id, deployment, error)
 
     async def _answered(
         self, face: Face, response: UpstreamResponse, record: RequestRecord
     ) -> Answer:
         record.upstream_status = response.status
         record.pass_on_headers(response.headers)
-        record.usage = face.usage_in_answer(response.document)
+        if face.usage_in_body is not None:
+            record.usage = face.usage_in_body(response.body)
+        else:
+            record.usage = face.usage_in_answer(response.document)
         await self.account(record)
         return Answer(
             headers={"Content-Type": face.content_type},
@@ -336,14 +471,16 @@ class Pipeline:
     async def stream(
         self,
         face: Face,
-        body: UpstreamBody,
+        target: UpstreamTarget,
+        body: UpstreamBody | None,
         candidates: tuple[Deployment, ...],
         inbound: Inbound,
         record: RequestRecord,
+        held: str | None = None,
     ) -> Answer:
         """A stream, from the first attempt whose first events arrive."""
-        caller_asked_usage = caller_wants_stream_usage(body.body)
-        plan = self.failover.plan(candidates)
+        caller_asked_usage = body is not None and caller_wants_stream_usage(body.body)
+        plan = self.failover.plan(candidates, pinned=held is not None)
         while not record.caller_gone:
             deployment = await plan.next_deployment()
             call = self._begin_attempt(deployment, inbound, record)
@@ -354,7 +491,13 @@ class Pipeline:
             )
             try:
                 stream = await self.upstream.open_stream(
-                    deployment, face.operation, body.encoded(ask_usage), call
+                    deployment,
+                    target,
+                    None
+                    if body is None
+                    else body.for_deployment(deployment, face.operation, ask_usage),
+                    call,
+                    ends_stream=face.ends_stream,
                 )
             except GatewayError as error:
                 self.metrics.count_attempt(deployment.name, error.code)
@@ -367,18 +510,39 @@ class Pipeline:
             record.upstream_status = 200
             record.first_event_at = time.time()
             record.pass_on_headers(stream.headers)
-            chunks = self._stream_chunks(face, stream, record, drop_usage_event=ask_usage)
+            chunks = self._stream_chunks(face, stream, record, body, drop_usage_event=ask_usage)
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
     async def _stream_chunks(
-        self, face: Face, stream: EventStream, record: RequestRecord, *, drop_usage_event: bool
+        self,
+        face: Face,
+        stream: EventStream,
+        record: RequestRecord,
+        body: UpstreamBody | None,
+        *,
+        drop_usage_event: bool,
     ) -> AsyncIterator[bytes]:
         """Azure's events as they came, one chunk per step; the usage event we asked for
-        left out; a failure after the start as the face's last error event."""
+        left out; a created response's deployment recorded; a failure after the start as
+        the face's last error event."""
         self.metrics.streams_in_flight.inc()
+        last_event: bytes | None = None
+        unrecorded = face.records_response
         try:
             async for events in stream:
+                if unrecorded and record.deployment is not None:
+                    for event in events:
+                        created = created_response(event)
+                        if created is not None:
+                            unrecorded = False
+                            await self.holders.remember(
+                                face,
+                                created,
+                                None if body is None else body.body,
+                                record.deployment,
+                            )
+                            break
                 for event in events:
                     usage = face.usage_in_event(event)
                     if usage is not None:
@@ -387,11 +551,12 @@ class Pipeline:
                             events = [kept for kept in events if kept is not event]
                         break
                 if events:
+                    last_event = events[-1]
                     chunk = events[0] if len(events) == 1 else b"".join(events)
                     events = []  # only the chunk is held while the caller takes it
                     yield chunk
         except GatewayError as error:
-            yield face.stream_error(error)
+            yield face.stream_error(error, last_event)
         finally:
             stream.close()
             self.metrics.streams_in_flight.dec()

@@ -1,6 +1,6 @@
 """The one handler of every API route, given its face, and GET /v1/models.
 
-`ApiHandler.post` hands the request to the pipeline (gateway/pipeline.py)
+`ApiHandler` hands the request to the pipeline (gateway/pipeline.py)
 and writes what comes back: one body, or a stream pulled chunk by chunk,
 each written and flushed before the next is read, so a caller that reads
 slowly holds Azure back instead of filling the gateway's memory.
@@ -14,8 +14,9 @@ from contextlib import aclosing
 from typing import Any
 
 from tornado.iostream import StreamClosedError
+from tornado.web import HTTPError
 
-from gateway.faces import OPENAI_CHAT, Face
+from gateway.faces import OPENAI_CHAT, Face, unknown_model
 from gateway.pipeline import Answer, Inbound, RequestRecord
 
 from .base import BaseHandler, BodyReadingHandler
@@ -26,22 +27,41 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class ApiHandler(BodyReadingHandler):
-    """POST on an API route: the face says which API it is (gateway/faces.py)."""
+    """An API route: the face says which API it is (gateway/faces.py), and its method.
 
-    def initialize(self, face: Face) -> None:
+    A path served by two faces (`GET` and `DELETE /responses/{id}`) names the
+    second as `delete_face`.
+    """
+
+    def initialize(self, face: Face, delete_face: Face | None = None) -> None:
         self.face = face
         self.route = face.route
+        self._delete_face = delete_face
 
     def prepare(self) -> None:
         super().prepare()
+        if self.request.method == "DELETE" and self._delete_face is not None:
+            self.face = self._delete_face
+            self.route = self.face.route
         self.pipeline.in_flight.enter()
         self._counted = True
         supplied = self.request.headers.get("x-request-id", "")
         self.request_id = supplied if _REQUEST_ID.match(supplied) else secrets.token_hex(16)
         self.record = RequestRecord(headers={"x-request-id": self.request_id})
         self.set_header("x-request-id", self.request_id)
+        if self.request.method not in (self.face.method, "OPTIONS"):
+            raise HTTPError(405)
 
     async def post(self, *path_args: str) -> None:
+        await self.serve(path_args)
+
+    async def get(self, *path_args: str) -> None:
+        await self.serve(path_args)
+
+    async def delete(self, *path_args: str) -> None:
+        await self.serve(path_args)
+
+    async def serve(self, path_args: tuple[str, ...]) -> None:
         inbound = Inbound(
             request_id=self.request_id,
             headers=self.request.headers,
@@ -109,21 +129,22 @@ class ApiHandler(BodyReadingHandler):
 
 
 class ModelsHandler(BaseHandler):
-    """GET /v1/models: the deployments this server serves, in OpenAI's list shape."""
+    """GET /v1/models[/{id}] (and /openai/v1/models): the names this server serves, in
+    OpenAI's shape; a caller's key sees only the models it may use."""
 
     route = "models"
     face = OPENAI_CHAT
 
-    def get(self) -> None:
+    def get(self, model: str | None = None) -> None:
         caller = self.pipeline.keyring.authenticate(self.request.headers)
-        allowed = caller.models if caller else None
-        self.write_json(
-            {
-                "object": "list",
-                "data": [
-                    {"id": name, "object": "model", "created": 0, "owned_by": "azure-gpt-api"}
-                    for name in self.pipeline.pool.model_names()
-                    if allowed is None or name in allowed
-                ],
-            }
-        )
+        visible = self.pipeline.visible_models(caller)
+        if model is None:
+            self.write_json({"object": "list", "data": [model_object(name) for name in visible]})
+        elif model in visible:
+            self.write_json(model_object(model))
+        else:
+            raise unknown_model(model, visible)
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "azure-gpt-api"}

@@ -8,11 +8,13 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from tornado.web import Application
 
+from gateway import faces
 from gateway.config import Settings
 from gateway.faces import AZURE_CHAT, FACES, GPT_CHAT, OPENAI_CHAT
 from gateway.ops.accesslog import write_access_log
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.policy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
 from gateway.policy.failover import DeploymentPool, Failover
 from gateway.policy.keys import KeyRing
 from gateway.policy.quota import MemoryQuota, QuotaStore, RedisQuota
@@ -40,6 +42,15 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         )
     else:
         quota = MemoryQuota(clock=clock)
+    affinity: AffinityStore
+    if settings.redis_url:
+        affinity = RedisAffinity(
+            settings.redis_url.reveal(),
+            settings.response_affinity_ttl,
+            on_redis_error=metrics.redis_errors_total.inc,
+        )
+    else:
+        affinity = MemoryAffinity(settings.response_affinity_ttl)
     pool = DeploymentPool(settings.deployments)
     return Pipeline(
         settings=settings,
@@ -51,7 +62,22 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         keyring=KeyRing(settings.caller_keys),
         quota=quota,
         metrics=metrics,
+        affinity=affinity,
     )
+
+
+RESPONSE = r"/responses/([^/]+)"
+
+
+def responses_routes(base: str, family: tuple[faces.Face, ...]) -> list[tuple]:
+    """The Responses API under `base`: create, then by id (retrieve and delete share a path)."""
+    create, retrieve, delete, cancel, input_items = family
+    return [
+        (base + "/responses", ApiHandler, {"face": create}),
+        (base + RESPONSE, ApiHandler, {"face": retrieve, "delete_face": delete}),
+        (base + RESPONSE + "/cancel", ApiHandler, {"face": cancel}),
+        (base + RESPONSE + "/input_items", ApiHandler, {"face": input_items}),
+    ]
 
 
 def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Application:
@@ -79,7 +105,21 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> A
             (r"/v1/gpt/chat/?", ApiHandler, {"face": GPT_CHAT}),
             (r"/v1/chat/completions", ApiHandler, {"face": OPENAI_CHAT}),
             (r"/openai/deployments/([^/]+)/chat/completions", ApiHandler, {"face": AZURE_CHAT}),
+            (r"/openai/v1/chat/completions", ApiHandler, {"face": OPENAI_CHAT}),
+            *responses_routes("/v1", faces.OPENAI_RESPONSES_FACES),
+            *responses_routes("/openai/v1", faces.OPENAI_RESPONSES_FACES),
+            *responses_routes("/openai", faces.AZURE_RESPONSES_FACES),
+            (r"/v1/embeddings", ApiHandler, {"face": faces.OPENAI_EMBEDDINGS}),
+            (r"/openai/v1/embeddings", ApiHandler, {"face": faces.OPENAI_EMBEDDINGS}),
+            (
+                r"/openai/deployments/([^/]+)/embeddings",
+                ApiHandler,
+                {"face": faces.AZURE_EMBEDDINGS},
+            ),
             (r"/v1/models", ModelsHandler),
+            (r"/v1/models/([^/]+)", ModelsHandler),
+            (r"/openai/v1/models", ModelsHandler),
+            (r"/openai/v1/models/([^/]+)", ModelsHandler),
             (r"/v1/usage", UsageHandler),
             (r"/metrics", MetricsHandler),
             (r"/healthz", HealthHandler),

@@ -159,3 +159,4 @@ class GatewayServer:
             await server.close_all_connections()
         self.pipeline.upstream.close()
         await self.pipeline.quota.close()
+        await self.pipeline.affinity.close()

@@ -42,7 +42,7 @@ def test_429_stays_429_with_retry_after():
         b'{"error":{"code":"429","message":"Rate limit. Please retry after 2 seconds."}}',
     )
     assert error.status == 429
-    assert error.headers == {"Retry-After": "2"}
+    assert error.headers == {"Retry-After": "2", "retry-after-ms": "1200"}
     assert render_envelope(error)["error"]["code"] == "429"
     assert render_envelope(error)["message"] == "Rate limit. Please retry after 2 seconds."
 

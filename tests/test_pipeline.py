@@ -28,7 +28,7 @@ from gateway.policy.failover import DeploymentPool, Failover
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.quota import MemoryQuota
 from gateway.secret import Secret
-from gateway.upstream.client import UpstreamCall, UpstreamResponse
+from gateway.upstream.client import UpstreamCall, UpstreamResponse, UpstreamTarget
 from gateway.validation import BodyValidator, load_registry
 
 from .support.bodies import chat
@@ -102,14 +102,24 @@ class ScriptedUpstream:
         return outcome
 
     async def complete(
-        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        **options: Any,
     ) -> UpstreamResponse | None:
-        return self._next(deployment, body)
+        return self._next(deployment, body or b"null")
 
     async def open_stream(
-        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        **options: Any,
     ) -> ScriptedStream | None:
-        return self._next(deployment, body)
+        return self._next(deployment, body or b"null")
 
     def close(self) -> None:
         pass

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.policy.deployments import Deployment
 from gateway.secret import Secret
-from gateway.upstream.urls import upstream_url
+from gateway.upstream.urls import names_model_in_body, upstream_url
 
 
 def deployment(api_version: str) -> Deployment:
@@ -49,7 +49,27 @@ def deployment(api_version: str) -> Deployment:
             {"item": "resp 1"},
             "https://east.openai.azure.com/openai/v1/responses/resp%201?api-version=preview",
         ),
+        (
+            "2025-04-01-preview",
+            "responses",
+            {"item": "resp_1"},
+            "https://east.openai.azure.com/openai/responses/resp_1?api-version=2025-04-01-preview",
+        ),
     ],
 )
 def test_upstream_url(api_version, operation, options, url):
     assert upstream_url(deployment(api_version), operation, **options) == url
+
+
+@pytest.mark.parametrize(
+    ("api_version", "operation", "in_body"),
+    [
+        ("v1", "chat/completions", True),
+        ("preview", "embeddings", True),
+        ("2024-10-21", "chat/completions", False),
+        ("2024-10-21", "embeddings", False),
+        ("2025-04-01-preview", "responses", True),
+    ],
+)
+def test_the_body_names_the_deployment_where_the_url_does_not(api_version, operation, in_body):
+    assert names_model_in_body(deployment(api_version), operation) is in_body

@@ -147,7 +147,7 @@ class Metrics:
         )
         self.redis_errors_total = Counter(
             "gateway_redis_errors_total",
-            "Failed calls to the Redis quota store.",
+            "Failed calls to Redis (the quota store and the response affinity store).",
             registry=registry,
         )
 

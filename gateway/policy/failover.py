@@ -9,6 +9,9 @@ Retry rules (before any byte reached the caller, never after):
   within `max_retry_wait`, else answer 429 with a Retry-After.
 - at most `max_attempts` upstream attempts; then the last failure is the answer.
 - never retried: anything else (400 content filter, 401, 403, 404, ...).
+- a request pinned to one deployment (a stored response's follow-up, see
+  gateway/policy/affinity.py) is never sent to another: while it cools down
+  it is waited for up to `max_retry_wait`, else the answer is a 503 naming it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class DeploymentPool:
             return self.deployments
         return tuple(d for d in self.deployments if d.serves(model))
 
+    def by_name(self, name: str) -> Deployment | None:
+        return next((d for d in self.deployments if d.name == name), None)
+
     def model_names(self) -> list[str]:
         """Every name the deployments answer to, each once, in the order configured."""
         return list(dict.fromkeys(name for d in self.deployments for name in d.names))
@@ -93,9 +99,10 @@ class Failover:
         self.max_attempts = max_attempts
         self.max_retry_wait = max_retry_wait
 
-    def plan(self, candidates: tuple[Deployment, ...]) -> FailoverPlan:
-        """The attempts of one request over `candidates` (a set of one pins it to a deployment)."""
-        return FailoverPlan(self, candidates)
+    def plan(self, candidates: tuple[Deployment, ...], *, pinned: bool = False) -> FailoverPlan:
+        """The attempts of one request over `candidates`; `pinned`: the one candidate holds
+        what the request is about, so no other may be asked (module docstring)."""
+        return FailoverPlan(self, candidates, pinned=pinned)
 
 
 class FailoverPlan:
@@ -111,10 +118,13 @@ class FailoverPlan:
         plan.succeeded(deployment)
     """
 
-    def __init__(self, failover: Failover, candidates: tuple[Deployment, ...]) -> None:
+    def __init__(
+        self, failover: Failover, candidates: tuple[Deployment, ...], *, pinned: bool = False
+    ) -> None:
         self._failover = failover
         self._pool = failover.pool
         self.candidates = candidates
+        self.pinned = pinned
         self.attempts = 0
 
     async def next_deployment(self) -> Deployment:
@@ -130,6 +140,8 @@ class FailoverPlan:
                 return deployment
             wait = self._pool.earliest_ready(self.candidates)
             if wait > self._failover.max_retry_wait:
+                if self.pinned:
+                    raise holder_cooling_down(self.candidates[0], wait)
                 raise all_cooling_down(wait)
             await asyncio.sleep(wait)
 
@@ -153,5 +165,17 @@ def all_cooling_down(wait: float) -> GatewayError:
         "all_deployments_busy",
         f"Every Azure OpenAI deployment for this model is rate limited or failing; "
         f"retry after {seconds} s.",
+        headers={"Retry-After": str(seconds), "retry-after-ms": str(round(wait * 1000))},
+    )
+
+
+def holder_cooling_down(deployment: Deployment, wait: float) -> GatewayError:
+    """503 for a follow-up whose deployment rests for longer than we wait: no other may serve it."""
+    seconds = max(1, math.ceil(wait))
+    return GatewayError(
+        503,
+        "deployment_cooling_down",
+        f"The stored response is held by the deployment {deployment.name!r}, which is rate "
+        f"limited or failing; no other deployment can serve it. Retry after {seconds} s.",
         headers={"Retry-After": str(seconds)},
     )

@@ -134,6 +134,7 @@ def build_admission(
         return Admission(True, None, 0, headers)
     retry_after = seconds_to_next_window(now)
     headers["Retry-After"] = str(retry_after)
+    headers["retry-after-ms"] = str(retry_after * 1000)
     return Admission(False, limit, retry_after, headers)
 
 

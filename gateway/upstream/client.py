@@ -102,6 +102,21 @@ class UpstreamCall:
 
 
 @dataclass(frozen=True)
+class UpstreamTarget:
+    """What is asked of a deployment: the operation (gateway/upstream/urls.py), the HTTP
+    method, an id sub-path (`resp_1/input_items`) and the caller's query string."""
+
+    operation: str
+    method: str = "POST"
+    item: str = ""
+    query: str = ""
+
+    @classmethod
+    def of(cls, target: UpstreamTarget | str) -> UpstreamTarget:
+        return target if isinstance(target, UpstreamTarget) else cls(target)
+
+
+@dataclass(frozen=True)
 class UpstreamResponse:
     status: int
     headers: HTTPHeaders
@@ -140,8 +155,8 @@ class UpstreamClient:
     async def _request(
         self,
         deployment: Deployment,
-        operation: str,
-        body: bytes,
+        target: UpstreamTarget,
+        body: bytes | None,
         call: UpstreamCall,
         *,
         stream: bool,
@@ -151,16 +166,20 @@ class UpstreamClient:
         auth = self._auth.get(deployment.name)
         if auth is None:
             auth = self._auth[deployment.name] = self._auth_for(deployment)
+        headers = {
+            **await auth.headers(),
+            "x-request-id": call.request_id,
+            "x-ms-client-request-id": call.request_id,
+        }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        elif target.method == "POST":
+            body = b""
         return HTTPRequest(
-            upstream_url(deployment, operation),
-            method="POST",
+            upstream_url(deployment, target.operation, item=target.item, query=target.query),
+            method=target.method,
             body=body,
-            headers={
-                "Content-Type": "application/json",
-                **await auth.headers(),
-                "x-request-id": call.request_id,
-                "x-ms-client-request-id": call.request_id,
-            },
+            headers=headers,
             user_agent=USER_AGENT,
             connect_timeout=self._settings.connect_timeout,
             request_timeout=0 if stream else self._settings.request_timeout,
@@ -173,13 +192,21 @@ class UpstreamClient:
         return fetch
 
     async def complete(
-        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        *,
+        parse: bool = True,
     ) -> UpstreamResponse | None:
         """Send a non-stream request; raise GatewayError for anything but a 200.
 
-        None means the call was aborted (the caller went away).
+        None means the call was aborted (the caller went away). Without
+        `parse`, the body is only checked to be an object, and `document` is empty.
         """
-        request = await self._request(deployment, operation, body, call, stream=False)
+        target = UpstreamTarget.of(target)
+        request = await self._request(deployment, target, body, call, stream=False)
         if call.abort_reason:
             return None
         try:
@@ -190,27 +217,39 @@ class UpstreamClient:
             raise map_transport_error(error) from None
         if outcome.code != 200:
             raise map_upstream_status(outcome.code, outcome.headers, outcome.body or b"")
-        try:
-            document = json.loads(outcome.body)
-        except ValueError:
+        document: Any = {}
+        if parse:
+            try:
+                document = json.loads(outcome.body)
+            except ValueError:
+                document = None
+        elif not (outcome.body or b"").lstrip().startswith(b"{"):
             document = None
         if not isinstance(document, dict):
             raise invalid_success_body(outcome.headers)
         return UpstreamResponse(outcome.code, outcome.headers, outcome.body, document)
 
     async def open_stream(
-        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget | str,
+        body: bytes | None,
+        call: UpstreamCall,
+        *,
+        ends_stream: Callable[[bytes], bool] = is_done,
     ) -> UpstreamStream | None:
         """Send a stream request and wait for its first events.
 
         A failure before them is raised as GatewayError (so another
         deployment may be tried); after them, it ends the iteration (see
         `UpstreamStream`). None means the call was aborted (the caller went away).
+        `ends_stream` tells the event after which the stream is complete.
         """
-        stream = UpstreamStream(self, call)
+        target = UpstreamTarget.of(target)
+        stream = UpstreamStream(self, call, ends_stream)
         request = await self._request(
             deployment,
-            operation,
+            target,
             body,
             call,
             stream=True,
@@ -252,14 +291,21 @@ class UpstreamStream:
     """Azure's event stream: `async for events in stream` gives the whole events received
     since the previous step (a list of raw event bytes, never empty).
 
-    The iteration ends after Azure's `[DONE]`. A stream that fails after its
+    The iteration ends after the event `ends_stream` recognises (chat's
+    `[DONE]`, a Responses terminal event). A stream that fails after its
     first events raises GatewayError from the iteration, once the events
     before the failure are taken; the caller ending it early calls `close()`.
     """
 
-    def __init__(self, client: UpstreamClient, call: UpstreamCall) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        call: UpstreamCall,
+        ends_stream: Callable[[bytes], bool] = is_done,
+    ) -> None:
         self._client = client
         self.call = call
+        self._ends_stream = ends_stream
         self.status: int | None = None
         self._header_lines: list[str] = []
         self._headers: HTTPHeaders | None = None
@@ -273,7 +319,7 @@ class UpstreamStream:
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
-        self.done = False  # [DONE] arrived
+        self.done = False  # the last event arrived
         self.started = False  # events were handed out
         self.ended = False  # the transfer is over
         self._transport_error: HTTPTransportError | None = None
@@ -312,7 +358,7 @@ class UpstreamStream:
         events = self._framer.feed(chunk)
         if not events:
             return
-        self.done = is_done(events[-1])
+        self.done = self._ends_stream(events[-1])
         self._events.extend(events)
         self._queued += sum(map(len, events)) if len(events) > 1 else len(events[0])
         if not self._paused and self.buffered >= PAUSE_AT and self._request:
