@@ -170,30 +170,28 @@ class Spent:
 def over_budget(budget: Budget, spent: Spent, now: float) -> GatewayError | None:
     """The 429 for a key that has used up a budget, naming the latest reset; else None."""
     day, month = periods(now)
-    exhausted = [
-        (ends, label)
-        for limit, used, ends, label in (
-            (budget.tokens_per_day, spent.tokens_today, day.ends, "tokens_per_day"),
-            (budget.tokens_per_month, spent.tokens_this_month, month.ends, "tokens_per_month"),
-            (budget.usd_per_month, spent.usd_this_month, month.ends, "usd_per_month"),
+    exhausted = []
+    if budget.tokens_per_day is not None and spent.tokens_today >= budget.tokens_per_day:
+        exhausted.append(
+            (day.ends, f"tokens_per_day budget ({budget.tokens_per_day} tokens a day)")
         )
-        if limit is not None and used >= limit
-    ]
+    if budget.tokens_per_month is not None and spent.tokens_this_month >= budget.tokens_per_month:
+        exhausted.append(
+            (month.ends, f"tokens_per_month budget ({budget.tokens_per_month} tokens a month)")
+        )
+    if budget.usd_per_month is not None and spent.usd_this_month >= budget.usd_per_month:
+        exhausted.append(
+            (month.ends, f"usd_per_month budget (US${budget.usd_per_month:g} a month)")
+        )
     if not exhausted:
         return None
-    ends, label = max(exhausted)
-    limits = {
-        "tokens_per_day": f"{budget.tokens_per_day} tokens a day",
-        "tokens_per_month": f"{budget.tokens_per_month} tokens a month",
-        "usd_per_month": f"US${budget.usd_per_month:g} a month",
-    }
+    ends, what = max(exhausted)
     wait = ends.timestamp() - now
     reset = ends.strftime("%Y-%m-%dT%H:%M:%SZ")
     return GatewayError(
         429,
         "budget_exceeded",
-        f"The API key {budget.name!r} has used its {label} budget ({limits[label]}); "
-        f"it resets at {reset}.",
+        f"The API key {budget.name!r} has used its {what}; it resets at {reset}.",
         headers={
             "Retry-After": str(max(1, math.ceil(wait))),
             "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
