@@ -71,7 +71,7 @@ RESPONSES = {
     "tools": [TOOL["function"] | {"type": "function"}],
 }
 BODIES: dict[str, tuple[dict[str, Any], str]] = {
-    "typical chat (1.5 KB of text)": (TYPICAL_CHAT, "chat"),
+    "typical chat (0.7 KB of text)": (TYPICAL_CHAT, "chat"),
     "long chat (100 KB of text)": (LONG_CHAT, "chat"),
     "Responses with items": (RESPONSES, "responses"),
 }
