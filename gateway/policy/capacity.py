@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 DEFAULT_STALE_AFTER = 10.0
 DEFAULT_PRIORITY = 1
@@ -170,7 +170,7 @@ def priority_groups(candidates: Sequence[D]) -> list[list[D]]:
     return [groups[priority] for priority in sorted(groups)]
 
 
-class PriorityRouter:
+class PriorityRouter(Generic[D]):
     """Picks a deployment by priority group, Azure's remaining counts and weight.
 
     `cooling_for(deployment)` is the seconds it still cools down (the pool
@@ -208,10 +208,10 @@ class PriorityRouter:
                 break
             if fallback is None:
                 fallback = ready
-        group = chosen_group or fallback
-        if not group:
+        pick_from = chosen_group or fallback
+        if not pick_from:
             return None
-        chosen = self._pick(group)
+        chosen = self._pick(pick_from)
         if chosen.priority != groups[0][0].priority:
             self._on_spill(groups[0][0].priority, chosen)
         return chosen
