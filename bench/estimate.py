@@ -20,7 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.policy.estimate import TokenEstimator, load_cached_encodings  # noqa: E402  (needs the root on sys.path)
+from gateway.policy.estimate import (  # noqa: E402  (needs the root on sys.path)
+    TokenEstimator,
+    load_cached_encodings,
+)
 
 # Long enough for a stable figure, short enough to finish in seconds.
 MIN_SECONDS = 0.5

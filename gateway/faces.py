@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 from gateway.errors import GatewayError, render_envelope, render_openai_error
 from gateway.gpt_chat import build_gpt_chat_body
+from gateway.policy.estimate import Operation
 from gateway.upstream.sse import encode_event, usage_in
 
 CHAT_COMPLETIONS = "chat/completions"
@@ -114,6 +115,8 @@ class Face:
     usage_in_event: Callable[[bytes], dict[str, Any] | None] = usage_in
     # May the gateway ask Azure for a stream's usage event (`stream_options`)?
     adds_stream_usage: bool = True
+    # How the upstream body's tokens are estimated at admission (gateway/policy/estimate.py).
+    estimate_as: Operation = "chat"
 
 
 GPT_CHAT = Face(

@@ -6,12 +6,17 @@
 2. read the body as JSON, check it against the face's schema, and build the
    upstream body and the model it asks for;
 3. pick the candidate deployments (those serving the model that the key may use);
-4. admit the request against the key's quota (a 429 without calling Azure);
-5. attempt it, failing over between the candidates by gateway/policy/failover.py;
-6. answer: one body, or an async iterator of byte chunks for a stream;
-7. account: the answer's usage to the quota and the metrics (for a stream,
-   when it ends), and everything learnt to the `RequestRecord`, which the
-   access log line and the answer's headers are made from.
+4. estimate the request's tokens (gateway/policy/estimate.py) and admit it
+   against the key's budgets and limits (a 429 without calling Azure);
+5. attempt it, failing over between the candidates by gateway/policy/failover.py
+   (the lowest priority group with capacity first), keeping Azure's remaining
+   counts of every answer;
+6. answer: one body, or an async iterator of byte chunks for a stream, with
+   a `: keep-alive` comment after each `STREAM_KEEPALIVE` seconds of silence;
+7. account: the answer's usage to the quota (correcting the estimate), the
+   budgets and the metrics (for a stream, when it ends), and everything
+   learnt to the `RequestRecord`, which the access log line and the answer's
+   headers are made from.
 
 The handler (handlers/api.py) turns Tornado's request into an `Inbound`,
 writes the `Answer` (`async for chunk in answer.stream: write; await flush`)
@@ -24,6 +29,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,15 +39,20 @@ from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
 from gateway.ops.metrics import Metrics
+from gateway.policy.budgets import TokenUsage, cost_usd
 from gateway.policy.deployments import Deployment
+from gateway.policy.estimate import Estimate, TokenEstimator
 from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
+from gateway.policy.limits import Charge
 from gateway.policy.quota import ANONYMOUS, QuotaStore
 from gateway.upstream.client import UpstreamCall, UpstreamClient, UpstreamResponse, UpstreamStream
 from gateway.validation import BodyValidator
 
 # Upstream response headers worth passing to the caller.
 RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
+# An SSE comment: clients skip it, proxies see bytes and keep the connection.
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -76,6 +87,7 @@ class RequestRecord:
     headers: dict[str, str] = field(default_factory=dict)
     caller_gone: bool = False
     call: UpstreamCall | None = None
+    charge: Charge | None = None  # what admission charged the key's window
 
     def caller_left(self) -> None:
         """The caller closed its connection: stop the upstream call at once."""
@@ -187,6 +199,7 @@ class Pipeline:
         keyring: KeyRing,
         quota: QuotaStore,
         metrics: Metrics,
+        estimator: TokenEstimator,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
@@ -196,6 +209,8 @@ class Pipeline:
         self.keyring = keyring
         self.quota = quota
         self.metrics = metrics
+        self.estimator = estimator
+        self.board = failover.pool.board
         self.in_flight = InFlight()
 
     async def run(self, face: Face, inbound: Inbound, record: RequestRecord) -> Answer:
@@ -213,10 +228,14 @@ class Pipeline:
                     face.build_body(request, self.settings.parameter_defaults), None
                 )
             candidates = self.candidates(face, model, record.caller)
-            await self.admit(record)
+            names = (model, *(name for d in candidates for name in d.models))
+            estimate = self.estimator.estimate(
+                body.body, face.estimate_as, [name for name in names if name]
+            )
+            await self.admit(record, estimate)
             if body.body.get("stream"):
-                return await self.stream(face, body, candidates, inbound, record)
-            return await self.complete(face, body, candidates, inbound, record)
+                return await self.stream(face, body, candidates, inbound, record, estimate.total)
+            return await self.complete(face, body, candidates, inbound, record, estimate.total)
         except GatewayError as error:
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
@@ -244,20 +263,16 @@ class Pipeline:
             self.keyring.check_model(caller, [model] if model else [])
         return usable
 
-    async def admit(self, record: RequestRecord) -> None:
-        """Count the request against its key's quota; 429 without calling Azure when over."""
+    async def admit(self, record: RequestRecord, estimate: Estimate) -> None:
+        """Charge the request's estimate to its key; 429 without calling Azure when over."""
         if record.caller is None:
             return
-        admission = await self.quota.admit(record.caller)
+        admission = await self.quota.admit(record.caller, estimate)
         record.headers.update(admission.headers)
-        if not admission.allowed:
+        if admission.refusal is not None:
             self.metrics.count_quota_rejection(record.caller.name, admission.limit or "")
-            raise GatewayError(
-                429,
-                "rate_limit_exceeded",
-                f"The key {record.caller.name!r} is over its {admission.limit}-per-minute limit; "
-                f"retry after {admission.retry_after} s.",
-            )
+            raise admission.refusal
+        record.charge = admission.charge
 
     def _begin_attempt(
         self, deployment: Deployment, inbound: Inbound, record: RequestRecord
@@ -275,18 +290,20 @@ class Pipeline:
         candidates: tuple[Deployment, ...],
         inbound: Inbound,
         record: RequestRecord,
+        tokens: int,
     ) -> Answer:
         """A non-stream answer, from the first attempt that succeeds."""
-        plan = self.failover.plan(candidates)
+        plan = self.failover.plan(candidates, tokens)
         while not record.caller_gone:
             deployment = await plan.next_deployment()
             call = self._begin_attempt(deployment, inbound, record)
             try:
-                response = await self.upstream.complete(
-                    deployment, face.operation, body.encoded(False), call
-                )
+                with self.board.in_flight(deployment.name):
+                    response = await self.upstream.complete(
+                        deployment, face.operation, body.encoded(False), call
+                    )
             except GatewayError as error:
-                self.metrics.count_attempt(deployment.name, error.code)
+                self._attempt_failed(deployment, error)
                 plan.failed(deployment, error)
                 continue
             self.metrics.count_attempt(deployment.name, "ok")
@@ -296,9 +313,16 @@ class Pipeline:
             return await self._answered(face, response, record)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
+    def _attempt_failed(self, deployment: Deployment, error: GatewayError) -> None:
+        self.metrics.count_attempt(deployment.name, error.code)
+        if error.upstream_headers:
+            self.board.observe(deployment.name, error.upstream_headers)
+
     async def _answered(
         self, face: Face, response: UpstreamResponse, record: RequestRecord
     ) -> Answer:
+        if record.deployment is not None:
+            self.board.observe(record.deployment.name, response.headers)
         record.upstream_status = response.status
         record.relay_upstream_headers(response.headers)
         record.usage = face.usage_in_answer(response.document)
@@ -315,10 +339,11 @@ class Pipeline:
         candidates: tuple[Deployment, ...],
         inbound: Inbound,
         record: RequestRecord,
+        tokens: int,
     ) -> Answer:
         """A stream, from the first attempt whose first events arrive."""
         caller_asked_usage = caller_wants_stream_usage(body.body)
-        plan = self.failover.plan(candidates)
+        plan = self.failover.plan(candidates, tokens)
         while not record.caller_gone:
             deployment = await plan.next_deployment()
             call = self._begin_attempt(deployment, inbound, record)
@@ -327,33 +352,58 @@ class Pipeline:
                 and not caller_asked_usage
                 and supports_stream_usage(deployment.api_version)
             )
+            in_flight = ExitStack()  # until the stream ends, in `_relay`
+            in_flight.enter_context(self.board.in_flight(deployment.name))
             try:
                 stream = await self.upstream.open_stream(
                     deployment, face.operation, body.encoded(ask_usage), call
                 )
             except GatewayError as error:
-                self.metrics.count_attempt(deployment.name, error.code)
+                in_flight.close()
+                self._attempt_failed(deployment, error)
                 plan.failed(deployment, error)
                 continue
             self.metrics.count_attempt(deployment.name, "ok")
             plan.succeeded(deployment)
             if stream is None:
+                in_flight.close()
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
             record.relay_upstream_headers(stream.headers)
-            chunks = self._relay(face, stream, record, drop_usage_event=ask_usage)
+            self.board.observe(deployment.name, stream.headers)
+            chunks = self._relay(face, stream, record, in_flight, drop_usage_event=ask_usage)
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
     async def _relay(
-        self, face: Face, stream: UpstreamStream, record: RequestRecord, *, drop_usage_event: bool
+        self,
+        face: Face,
+        stream: UpstreamStream,
+        record: RequestRecord,
+        in_flight: ExitStack,
+        *,
+        drop_usage_event: bool,
     ) -> AsyncIterator[bytes]:
         """Azure's events as they came, one chunk per step; the usage event we asked for
-        left out; a failure after the start as the face's last error event."""
+        left out; a keep-alive comment in each silence of `STREAM_KEEPALIVE` seconds; a
+        failure after the start as the face's last error event."""
         self.metrics.streams_in_flight.inc()
+        keepalive = self.settings.stream_keepalive
         try:
-            async for events in stream:
+            while True:
+                try:
+                    if keepalive:
+                        # A timeout only cancels the wait: events that arrive are kept.
+                        async with asyncio.timeout(keepalive):
+                            events = await anext(stream)
+                    else:
+                        events = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    yield KEEPALIVE_COMMENT
+                    continue
                 for event in events:
                     usage = face.usage_in_event(event)
                     if usage is not None:
@@ -367,16 +417,23 @@ class Pipeline:
             yield face.stream_error(error)
         finally:
             stream.close()
+            in_flight.close()
             self.metrics.streams_in_flight.dec()
             await self.account(record)
 
     async def account(self, record: RequestRecord) -> None:
-        """Add the answer's tokens to the usage report, the key's token quota and the metrics."""
+        """Settle the answer's tokens and cost: the key's window and budgets, the usage
+        report and the metrics. Without a usage figure the estimate stays charged."""
         if not record.usage or record.deployment is None:
             return
-        prompt = int(record.usage.get("prompt_tokens") or 0)
-        completion = int(record.usage.get("completion_tokens") or 0)
-        self.metrics.count_tokens(record.key_name, record.deployment.name, prompt, completion)
+        deployment = record.deployment
+        usage = TokenUsage.from_usage(record.usage)
+        cost = cost_usd(usage, deployment.price)
+        self.metrics.count_tokens(
+            record.key_name, deployment.name, usage.input_tokens, usage.output_tokens
+        )
+        if deployment.price is not None:
+            self.metrics.count_cost(record.key_name, deployment.name, cost)
         await self.quota.record_usage(
-            record.key_name, record.caller, record.deployment.name, prompt, completion
+            record.key_name, record.caller, deployment.name, usage, cost, record.charge
         )

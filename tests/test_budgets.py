@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.deployments import schema_problems
+from gateway.policy.deployments import schema_problems
 from gateway.errors import ConfigError
-from gateway.keys import keys_from_yaml
+from gateway.policy.keys import keys_from_yaml
 from gateway.policy.budgets import (
     Budget,
     MemoryBudgets,

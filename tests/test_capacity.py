@@ -16,7 +16,7 @@ from gateway.policy.capacity import (
     parse_remaining,
     priority_groups,
 )
-from gateway.routing import DeploymentPool
+from gateway.policy.failover import DeploymentPool
 
 
 @dataclass(frozen=True)

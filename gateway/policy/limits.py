@@ -83,13 +83,15 @@ class Charge:
 class Decision:
     """An admission: the headers for the answer, and the charge or the refusal.
 
-    `refusal` is the 429 to raise when refused; `charge` is None for a key
-    without a `tpm` (nothing to correct) and for a refusal.
+    `refusal` is the 429 to raise when refused, and `limit` the limit that
+    refused it ("requests" or "tokens"); `charge` is None for a key without a
+    `tpm` (nothing to correct) and for a refusal.
     """
 
     headers: dict[str, str] = field(default_factory=dict)
     charge: Charge | None = None
     refusal: GatewayError | None = None
+    limit: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -185,7 +187,7 @@ class MemoryRateLimiter:
             return Decision()
         cost = tokens_to_charge(limits, estimate)
         if isinstance(cost, GatewayError):
-            return Decision(refusal=cost)
+            return Decision(refusal=cost, limit="tokens")
         now = self._clock()
         bucket = math.floor(now)
         requests = self._window(limits.name, "requests", bucket)
@@ -194,11 +196,15 @@ class MemoryRateLimiter:
         if limits.rpm is not None and used_requests + 1 > limits.rpm:
             wait = seconds_until_fits(requests, used_requests, 1, limits.rpm, now)
             headers = _headers(limits, used_requests, used_tokens)
-            return Decision(headers, refusal=_refusal(limits, "requests", wait, headers))
+            return Decision(
+                headers, refusal=_refusal(limits, "requests", wait, headers), limit="requests"
+            )
         if limits.tpm is not None and used_tokens + cost > limits.tpm:
             wait = seconds_until_fits(tokens, used_tokens, cost, limits.tpm, now)
             headers = _headers(limits, used_requests, used_tokens)
-            return Decision(headers, refusal=_refusal(limits, "tokens", wait, headers))
+            return Decision(
+                headers, refusal=_refusal(limits, "tokens", wait, headers), limit="tokens"
+            )
         requests[bucket] = requests.get(bucket, 0) + 1
         charge = None
         if limits.tpm is not None:
@@ -312,7 +318,7 @@ class RedisRateLimiter:
             return Decision()
         cost = tokens_to_charge(limits, estimate)
         if isinstance(cost, GatewayError):
-            return Decision(refusal=cost)
+            return Decision(refusal=cost, limit="tokens")
         now = self._clock()
         bucket = math.floor(now)
         reply = await self._admit_script(
@@ -329,7 +335,7 @@ class RedisRateLimiter:
             wait = seconds_until_fits(buckets, used_requests, 1, limits.rpm or 0, now)
         else:
             wait = seconds_until_fits(buckets, used_tokens, cost, limits.tpm or 0, now)
-        return Decision(headers, refusal=_refusal(limits, limit, wait, headers))
+        return Decision(headers, refusal=_refusal(limits, limit, wait, headers), limit=limit)
 
     async def correct(self, charge: Charge, actual_tokens: int) -> None:
         """Replace `charge`'s estimate by `actual_tokens`, while its bucket is in the window."""
