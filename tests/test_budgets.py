@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.policy.deployments import schema_problems
 from gateway.errors import ConfigError
-from gateway.policy.keys import keys_from_yaml
 from gateway.policy.budgets import (
     Budget,
     MemoryBudgets,
@@ -22,6 +20,8 @@ from gateway.policy.budgets import (
     cost_usd,
     periods,
 )
+from gateway.policy.deployments import schema_problems
+from gateway.policy.keys import keys_from_yaml
 
 
 def at(text: str) -> float:

@@ -220,7 +220,7 @@ async def test_redis_keys_are_prefixed_and_expire(redis_server, close_after, clo
         for name in ("test:window:requests:alice", "test:window:tokens:alice"):
             assert 0 < await raw.ttl(name) <= WINDOW_BUCKETS + 1
         assert all(name.startswith(b"test:") for name in await raw.keys("*"))
-        assert 0 < await raw.ttl("test:budget:tokens:2101-03-11:alice")
+        assert await raw.ttl("test:budget:tokens:2101-03-11:alice") > 0
     finally:
         await raw.aclose()
     assert not admission.allowed
