@@ -363,6 +363,9 @@ class Pipeline:
                 self._attempt_failed(deployment, error)
                 plan.failed(deployment, error)
                 continue
+            except BaseException:
+                in_flight.close()
+                raise
             self.metrics.count_attempt(deployment.name, "ok")
             plan.succeeded(deployment)
             if stream is None:
