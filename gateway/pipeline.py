@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import Settings
 from gateway.encoding import compact_json
@@ -46,7 +46,7 @@ from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.limits import Charge
 from gateway.policy.quota import ANONYMOUS, QuotaStore
-from gateway.upstream.client import UpstreamCall, UpstreamClient, UpstreamResponse, UpstreamStream
+from gateway.upstream.client import UpstreamCall, UpstreamResponse
 from gateway.validation import BodyValidator
 
 # Upstream response headers worth passing to the caller.
@@ -58,6 +58,35 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+class EventStream(Protocol):
+    """Azure's events, pulled (gateway.upstream.client.UpstreamStream).
+
+    A pull may be cancelled while it waits (a keep-alive comment is due) and
+    pulled again: the iterator must lose no event when that happens.
+    """
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """What the pipeline asks of Azure (gateway.upstream.client.UpstreamClient)."""
+
+    async def complete(
+        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+    ) -> UpstreamResponse | None: ...
+
+    async def open_stream(
+        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+    ) -> EventStream | None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -95,7 +124,7 @@ class RequestRecord:
         if self.call is not None:
             self.call.abort("client_gone")
 
-    def relay_upstream_headers(self, upstream: Mapping[str, str]) -> None:
+    def pass_on_headers(self, upstream: Mapping[str, str]) -> None:
         for name in RELAYED_HEADERS:
             if name in upstream:
                 self.headers[name] = upstream[name]
@@ -193,7 +222,7 @@ class Pipeline:
         self,
         *,
         settings: Settings,
-        upstream: UpstreamClient,
+        upstream: Upstream,
         failover: Failover,
         validators: Mapping[str, BodyValidator],
         keyring: KeyRing,
@@ -240,7 +269,7 @@ class Pipeline:
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
             if error.upstream_headers:
-                record.relay_upstream_headers(error.upstream_headers)
+                record.pass_on_headers(error.upstream_headers)
             raise
 
     def candidates(
@@ -324,7 +353,7 @@ class Pipeline:
         if record.deployment is not None:
             self.board.observe(record.deployment.name, response.headers)
         record.upstream_status = response.status
-        record.relay_upstream_headers(response.headers)
+        record.pass_on_headers(response.headers)
         record.usage = face.usage_in_answer(response.document)
         await self.account(record)
         return Answer(
@@ -352,7 +381,7 @@ class Pipeline:
                 and not caller_asked_usage
                 and supports_stream_usage(deployment.api_version)
             )
-            in_flight = ExitStack()  # until the stream ends, in `_relay`
+            in_flight = ExitStack()  # until the stream ends, in `_stream_chunks`
             in_flight.enter_context(self.board.in_flight(deployment.name))
             try:
                 stream = await self.upstream.open_stream(
@@ -373,16 +402,18 @@ class Pipeline:
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
-            record.relay_upstream_headers(stream.headers)
+            record.pass_on_headers(stream.headers)
             self.board.observe(deployment.name, stream.headers)
-            chunks = self._relay(face, stream, record, in_flight, drop_usage_event=ask_usage)
+            chunks = self._stream_chunks(
+                face, stream, record, in_flight, drop_usage_event=ask_usage
+            )
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
-    async def _relay(
+    async def _stream_chunks(
         self,
         face: Face,
-        stream: UpstreamStream,
+        stream: EventStream,
         record: RequestRecord,
         in_flight: ExitStack,
         *,
@@ -393,15 +424,16 @@ class Pipeline:
         failure after the start as the face's last error event."""
         self.metrics.streams_in_flight.inc()
         keepalive = self.settings.stream_keepalive
+        pulls = aiter(stream)
         try:
             while True:
                 try:
                     if keepalive:
                         # A timeout only cancels the wait: events that arrive are kept.
                         async with asyncio.timeout(keepalive):
-                            events = await anext(stream)
+                            events = await anext(pulls)
                     else:
-                        events = await anext(stream)
+                        events = await anext(pulls)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
@@ -415,7 +447,9 @@ class Pipeline:
                             events = [kept for kept in events if kept is not event]
                         break
                 if events:
-                    yield events[0] if len(events) == 1 else b"".join(events)
+                    chunk = events[0] if len(events) == 1 else b"".join(events)
+                    events = []  # only the chunk is held while the caller takes it
+                    yield chunk
         except GatewayError as error:
             yield face.stream_error(error)
         finally:
