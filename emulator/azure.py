@@ -275,14 +275,16 @@ class ApiHandler(EmulatorHandler):
             self.write_json(obj)
 
     async def stream(self, frames: list[bytes], fault: Fault) -> bool:
-        """Write and flush each event on its own, `chunk_gap` apart; abort after `reset_after`.
+        """Write and flush each event on its own, `chunk_gap` apart (and `first_gap` more
+        after the first); abort after `reset_after`.
 
         Return whether every event was sent.
         """
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         for sent, frame in enumerate(frames):
-            if sent and not await self.pause(fault.chunk_gap):
+            gap = fault.chunk_gap + (fault.first_gap if sent == 1 else 0.0)
+            if sent and not await self.pause(gap):
                 return False
             if sent == fault.reset_after:
                 self.abort()

@@ -139,6 +139,18 @@ def _redis_url(raw: str) -> Secret:
     return Secret(raw)
 
 
+def _routing(raw: str) -> str:
+    if raw not in ("weighted", "least-busy"):
+        raise ValueError("must be weighted or least-busy")
+    return raw
+
+
+def _existing_dir(raw: str) -> str:
+    if not os.path.isdir(raw):
+        raise ValueError(f"must name an existing directory ({raw} not found)")
+    return raw
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
@@ -293,6 +305,19 @@ class Settings:
         "`REDIS_URL`); Azure keeps responses 30 days",
         30 * 24 * 3600.0,
     )
+    default_completion_tokens: int = setting(
+        "DEFAULT_COMPLETION_TOKENS",
+        _integer(1),
+        "tokens admission charges for the answer of a request that sets no `max_tokens` / "
+        "`max_completion_tokens` / `max_output_tokens` (corrected to Azure's count afterwards)",
+        1024,
+    )
+    tiktoken_cache_dir: str | None = setting(
+        "TIKTOKEN_CACHE_DIR",
+        _existing_dir,
+        "directory of pre-seeded tiktoken encoding files, for exact prompt-token estimates "
+        "(none: a character estimate that errs high; see Token estimates)",
+    )
     metrics_key: Secret | None = setting(
         "METRICS_KEY", Secret, "require this key for `GET /metrics`"
     )
@@ -325,6 +350,13 @@ class Settings:
         "caller that reads slowly)",
         60.0,
     )
+    stream_keepalive: float = setting(
+        "STREAM_KEEPALIVE",
+        _non_negative_seconds,
+        "s of silence in a started stream after which the caller gets a `: keep-alive` SSE "
+        "comment (0 = never)",
+        15.0,
+    )
     request_timeout: float = setting(
         "REQUEST_TIMEOUT", _seconds, "s, a whole non-stream call", 600.0
     )
@@ -334,6 +366,13 @@ class Settings:
         _non_negative_seconds,
         "s, the longest wait for a cooling-down deployment",
         10.0,
+    )
+    routing: str = setting(
+        "ROUTING",
+        _routing,
+        "within a priority group: `weighted` by `weight`, or `least-busy` (fewest requests in "
+        "flight)",
+        "weighted",
     )
     drain_timeout: float = setting(
         "DRAIN_TIMEOUT",

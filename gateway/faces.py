@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 from gateway import embeddings, responses
 from gateway.errors import GatewayError, render_envelope, render_openai_error
 from gateway.gpt_chat import build_gpt_chat_body
+from gateway.policy.estimate import Operation
 from gateway.upstream.sse import encode_event, is_done, usage_in
 
 CHAT_COMPLETIONS = "chat/completions"
@@ -148,6 +149,8 @@ class Face:
     held_response: Callable[[Mapping[str, Any], tuple[str, ...]], str | None] | None = None
     # ... and whether a stored response it creates is recorded there.
     records_response: bool = False
+    # How the upstream body's tokens are estimated at admission (gateway/policy/estimate.py).
+    estimate_as: Operation = "chat"
 
 
 GPT_CHAT = Face(
@@ -208,6 +211,7 @@ OPENAI_RESPONSES = Face(
     ends_stream=responses.ends_stream,
     held_response=previous_response,
     records_response=True,
+    estimate_as="responses",
 )
 # GET and DELETE /responses/{id}, POST /responses/{id}/cancel, GET /responses/{id}/input_items.
 OPENAI_RESPONSE_RETRIEVE = replace(
@@ -270,6 +274,7 @@ OPENAI_EMBEDDINGS = Face(
     content_type=JSON,
     may_stream=False,
     usage_in_body=embeddings.usage_in_body,
+    estimate_as="embeddings",
 )
 AZURE_EMBEDDINGS = replace(
     OPENAI_EMBEDDINGS,

@@ -8,12 +8,17 @@
 3. pick the candidate deployments (those serving the model that the key may
    use), or the one deployment holding the stored response the request is
    tied to (gateway/policy/affinity.py);
-4. admit the request against the key's quota (a 429 without calling Azure);
-5. attempt it, failing over between the candidates by gateway/policy/failover.py;
-6. answer: one body, or an async iterator of byte chunks for a stream;
-7. account: the answer's usage to the quota and the metrics (for a stream,
-   when it ends), and everything learnt to the `RequestRecord`, which the
-   access log line and the answer's headers are made from.
+4. estimate the request's tokens (gateway/policy/estimate.py) and admit it
+   against the key's budgets and limits (a 429 without calling Azure);
+5. attempt it, failing over between the candidates by gateway/policy/failover.py
+   (the lowest priority group with capacity first), keeping Azure's remaining
+   counts of every answer;
+6. answer: one body, or an async iterator of byte chunks for a stream, with
+   a `: keep-alive` comment after each `STREAM_KEEPALIVE` seconds of silence;
+7. account: the answer's usage to the quota (correcting the estimate), the
+   budgets and the metrics (for a stream, when it ends), and everything
+   learnt to the `RequestRecord`, which the access log line and the answer's
+   headers are made from.
 
 The handler (handlers/api.py) turns Tornado's request into an `Inbound`,
 writes the `Answer` (`async for chunk in answer.stream: write; await flush`)
@@ -26,6 +31,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,9 +43,12 @@ from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, w
 from gateway.holders import NOT_HELD, Holders, response_not_found
 from gateway.ops.metrics import Metrics
 from gateway.policy.affinity import AffinityStore, MemoryAffinity
+from gateway.policy.budgets import TokenUsage, cost_usd
 from gateway.policy.deployments import Deployment
+from gateway.policy.estimate import Estimate, TokenEstimator
 from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
+from gateway.policy.limits import Charge
 from gateway.policy.quota import ANONYMOUS, QuotaStore, has_limits
 from gateway.responses import created_response
 from gateway.upstream.client import UpstreamCall, UpstreamResponse, UpstreamTarget
@@ -51,6 +60,10 @@ RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
 # Azure's own rate-limit state, for callers whose key has no limits of its own
 # (a key with limits gets its key's, from the quota).
 AZURE_RATE_LIMIT_HEADERS = ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
+# A request without a body (a stored response's retrieve, delete, ...) costs no tokens.
+NO_TOKENS = Estimate(0, 0, completion_explicit=False, counted_by="none")
+# An SSE comment: clients skip it, proxies see bytes and keep the connection.
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -59,7 +72,11 @@ STREAM_HEADERS = {
 
 
 class EventStream(Protocol):
-    """Azure's events, pulled (gateway.upstream.client.UpstreamStream)."""
+    """Azure's events, pulled (gateway.upstream.client.UpstreamStream).
+
+    A pull may be cancelled while it waits (a keep-alive comment is due) and
+    pulled again: the iterator must lose no event when that happens.
+    """
 
     @property
     def headers(self) -> Mapping[str, str]: ...
@@ -122,6 +139,7 @@ class RequestRecord:
     headers: dict[str, str] = field(default_factory=dict)
     caller_gone: bool = False
     call: UpstreamCall | None = None
+    charge: Charge | None = None  # what admission charged the key's window
 
     def caller_left(self) -> None:
         """The caller closed its connection: stop the upstream call at once."""
@@ -261,6 +279,7 @@ class Pipeline:
         keyring: KeyRing,
         quota: QuotaStore,
         metrics: Metrics,
+        estimator: TokenEstimator,
         affinity: AffinityStore | None = None,
     ) -> None:
         self.settings = settings
@@ -273,6 +292,8 @@ class Pipeline:
         self.metrics = metrics
         self.affinity = affinity or MemoryAffinity(settings.response_affinity_ttl)
         self.holders = Holders(self.pool, self.affinity, upstream, metrics)
+        self.estimator = estimator
+        self.board = failover.pool.board
         self.in_flight = InFlight()
 
     async def run(self, face: Face, inbound: Inbound, record: RequestRecord) -> Answer:
@@ -303,19 +324,31 @@ class Pipeline:
             streams = face.may_stream and (
                 bool(body.body.get("stream")) if body is not None else asks_stream(inbound.query)
             )
+            names = (model, *(name for d in candidates for name in d.models))
+            estimate = (
+                NO_TOKENS
+                if body is None
+                else self.estimator.estimate(
+                    body.body, face.estimate_as, [name for name in names if name]
+                )
+            )
             held = face.held_response(request, inbound.path_args) if face.held_response else None
             if held is not None:
                 holder = await self.holders.holder(face, held, candidates)
                 if holder is None and not face.reads_body and not streams:
-                    await self.admit(record)
+                    await self.admit(record, estimate)
                     return await self.probe(face, target, held, candidates, inbound, record)
                 if holder is None:
                     holder = await self.holders.look_up(face, held, candidates, inbound.request_id)
                 candidates = (holder,)
-            await self.admit(record)
+            await self.admit(record, estimate)
             if streams:
-                return await self.stream(face, target, body, candidates, inbound, record, held)
-            return await self.complete(face, target, body, candidates, inbound, record, held)
+                return await self.stream(
+                    face, target, body, candidates, inbound, record, estimate.total, held
+                )
+            return await self.complete(
+                face, target, body, candidates, inbound, record, estimate.total, held
+            )
         except GatewayError as error:
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
@@ -348,20 +381,16 @@ class Pipeline:
         allowed = caller.models if caller else None
         return [name for name in self.pool.model_names() if allowed is None or name in allowed]
 
-    async def admit(self, record: RequestRecord) -> None:
-        """Count the request against its key's quota; 429 without calling Azure when over."""
+    async def admit(self, record: RequestRecord, estimate: Estimate) -> None:
+        """Charge the request's estimate to its key; 429 without calling Azure when over."""
         if record.caller is None:
             return
-        admission = await self.quota.admit(record.caller)
+        admission = await self.quota.admit(record.caller, estimate)
         record.headers.update(admission.headers)
-        if not admission.allowed:
+        if admission.refusal is not None:
             self.metrics.count_quota_rejection(record.caller.name, admission.limit or "")
-            raise GatewayError(
-                429,
-                "rate_limit_exceeded",
-                f"The key {record.caller.name!r} is over its {admission.limit}-per-minute limit; "
-                f"retry after {admission.retry_after} s.",
-            )
+            raise admission.refusal
+        record.charge = admission.charge
 
     def _begin_attempt(
         self, deployment: Deployment, inbound: Inbound, record: RequestRecord
@@ -380,10 +409,11 @@ class Pipeline:
         candidates: tuple[Deployment, ...],
         inbound: Inbound,
         record: RequestRecord,
+        tokens: int = 0,
         held: str | None = None,
     ) -> Answer:
         """A non-stream answer, from the first attempt that succeeds."""
-        plan = self.failover.plan(candidates, pinned=held is not None)
+        plan = self.failover.plan(candidates, tokens, pinned=held is not None)
         while not record.caller_gone:
             deployment = await plan.next_deployment()
             call = self._begin_attempt(deployment, inbound, record)
@@ -391,11 +421,12 @@ class Pipeline:
                 None if body is None else body.for_deployment(deployment, face.operation, False)
             )
             try:
-                response = await self.upstream.complete(
-                    deployment, target, encoded, call, parse=face.usage_in_body is None
-                )
+                with self.board.in_flight(deployment.name):
+                    response = await self.upstream.complete(
+                        deployment, target, encoded, call, parse=face.usage_in_body is None
+                    )
             except GatewayError as error:
-                self.metrics.count_attempt(deployment.name, error.code)
+                self._attempt_failed(deployment, error)
                 if held is not None:
                     await self._held_failure(face, held, deployment, error)
                 plan.failed(deployment, error)
@@ -427,12 +458,13 @@ class Pipeline:
         for deployment in candidates:
             call = self._begin_attempt(deployment, inbound, record)
             try:
-                response = await self.upstream.complete(deployment, target, None, call)
+                with self.board.in_flight(deployment.name):
+                    response = await self.upstream.complete(deployment, target, None, call)
             except GatewayError as error:
                 if error.upstream_status == 404:
                     self.metrics.count_attempt(deployment.name, NOT_HELD)
                     continue
-                self.metrics.count_attempt(deployment.name, error.code)
+                self._attempt_failed(deployment, error)
                 failure = error
                 continue
             self.metrics.count_attempt(deployment.name, "ok")
@@ -453,9 +485,16 @@ class Pipeline:
         await self.affinity.forget(response_id)
         raise response_not_found(response_id, deployment, error)
 
+    def _attempt_failed(self, deployment: Deployment, error: GatewayError) -> None:
+        self.metrics.count_attempt(deployment.name, error.code)
+        if error.upstream_headers:
+            self.board.observe(deployment.name, error.upstream_headers)
+
     async def _answered(
         self, face: Face, response: UpstreamResponse, record: RequestRecord
     ) -> Answer:
+        if record.deployment is not None:
+            self.board.observe(record.deployment.name, response.headers)
         record.upstream_status = response.status
         record.pass_on_headers(response.headers)
         if face.usage_in_body is not None:
@@ -476,11 +515,12 @@ class Pipeline:
         candidates: tuple[Deployment, ...],
         inbound: Inbound,
         record: RequestRecord,
+        tokens: int = 0,
         held: str | None = None,
     ) -> Answer:
         """A stream, from the first attempt whose first events arrive."""
         caller_asked_usage = body is not None and caller_wants_stream_usage(body.body)
-        plan = self.failover.plan(candidates, pinned=held is not None)
+        plan = self.failover.plan(candidates, tokens, pinned=held is not None)
         while not record.caller_gone:
             deployment = await plan.next_deployment()
             call = self._begin_attempt(deployment, inbound, record)
@@ -489,6 +529,8 @@ class Pipeline:
                 and not caller_asked_usage
                 and supports_stream_usage(deployment.api_version)
             )
+            in_flight = ExitStack()  # until the stream ends, in `_stream_chunks`
+            in_flight.enter_context(self.board.in_flight(deployment.name))
             try:
                 stream = await self.upstream.open_stream(
                     deployment,
@@ -500,17 +542,25 @@ class Pipeline:
                     ends_stream=face.ends_stream,
                 )
             except GatewayError as error:
-                self.metrics.count_attempt(deployment.name, error.code)
+                in_flight.close()
+                self._attempt_failed(deployment, error)
                 plan.failed(deployment, error)
                 continue
+            except BaseException:
+                in_flight.close()
+                raise
             self.metrics.count_attempt(deployment.name, "ok")
             plan.succeeded(deployment)
             if stream is None:
+                in_flight.close()
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
             record.pass_on_headers(stream.headers)
-            chunks = self._stream_chunks(face, stream, record, body, drop_usage_event=ask_usage)
+            self.board.observe(deployment.name, stream.headers)
+            chunks = self._stream_chunks(
+                face, stream, record, body, in_flight, drop_usage_event=ask_usage
+            )
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
@@ -520,17 +570,33 @@ class Pipeline:
         stream: EventStream,
         record: RequestRecord,
         body: UpstreamBody | None,
+        in_flight: ExitStack,
         *,
         drop_usage_event: bool,
     ) -> AsyncIterator[bytes]:
         """Azure's events as they came, one chunk per step; the usage event we asked for
-        left out; a created response's deployment recorded; a failure after the start as
-        the face's last error event."""
+        left out; a created response's deployment recorded; a keep-alive comment in each
+        silence of `STREAM_KEEPALIVE` seconds; a failure after the start as the face's last
+        error event."""
         self.metrics.streams_in_flight.inc()
         last_event: bytes | None = None
         unrecorded = face.records_response
+        keepalive = self.settings.stream_keepalive
+        pulls = aiter(stream)
         try:
-            async for events in stream:
+            while True:
+                try:
+                    if keepalive:
+                        # A timeout only cancels the wait: events that arrive are kept.
+                        async with asyncio.timeout(keepalive):
+                            events = await anext(pulls)
+                    else:
+                        events = await anext(pulls)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    yield KEEPALIVE_COMMENT
+                    continue
                 if unrecorded and record.deployment is not None:
                     for event in events:
                         created = created_response(event)
@@ -559,16 +625,23 @@ class Pipeline:
             yield face.stream_error(error, last_event)
         finally:
             stream.close()
+            in_flight.close()
             self.metrics.streams_in_flight.dec()
             await self.account(record)
 
     async def account(self, record: RequestRecord) -> None:
-        """Add the answer's tokens to the usage report, the key's token quota and the metrics."""
+        """Settle the answer's tokens and cost: the key's window and budgets, the usage
+        report and the metrics. Without a usage figure the estimate stays charged."""
         if not record.usage or record.deployment is None:
             return
-        prompt = int(record.usage.get("prompt_tokens") or 0)
-        completion = int(record.usage.get("completion_tokens") or 0)
-        self.metrics.count_tokens(record.key_name, record.deployment.name, prompt, completion)
+        deployment = record.deployment
+        usage = TokenUsage.from_usage(record.usage)
+        cost = cost_usd(usage, deployment.price)
+        self.metrics.count_tokens(
+            record.key_name, deployment.name, usage.input_tokens, usage.output_tokens
+        )
+        if deployment.price is not None:
+            self.metrics.count_cost(record.key_name, deployment.name, cost)
         await self.quota.record_usage(
-            record.key_name, record.caller, record.deployment.name, prompt, completion
+            record.key_name, record.caller, deployment.name, usage, cost, record.charge
         )

@@ -12,9 +12,11 @@ from gateway import faces
 from gateway.config import Settings
 from gateway.faces import AZURE_CHAT, FACES, GPT_CHAT, OPENAI_CHAT
 from gateway.ops.accesslog import write_access_log
+from gateway.ops.deployment_metrics import DeploymentCapacityCollector
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.policy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
+from gateway.policy.estimate import TokenEstimator, load_cached_encodings
 from gateway.policy.failover import DeploymentPool, Failover
 from gateway.policy.keys import KeyRing
 from gateway.policy.quota import MemoryQuota, QuotaStore, RedisQuota
@@ -29,7 +31,8 @@ from .status import StatusHandler
 
 
 def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time) -> Pipeline:
-    """Everything requests share, built once; `clock` is the quota windows' wall clock."""
+    """Everything requests share, built once; `clock` is the wall clock of the limits'
+    windows and the budgets' days and months."""
     registry = load_registry()
     metrics = Metrics(CollectorRegistry())
     quota: QuotaStore
@@ -51,7 +54,15 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         )
     else:
         affinity = MemoryAffinity(settings.response_affinity_ttl)
-    pool = DeploymentPool(settings.deployments)
+    pool = DeploymentPool(
+        settings.deployments,
+        least_busy=settings.routing == "least-busy",
+        on_spill=lambda first_priority, chosen: metrics.count_spill(chosen.name, chosen.priority),
+    )
+    metrics.add_collector(DeploymentCapacityCollector(pool.board))
+    encodings = (
+        load_cached_encodings(settings.tiktoken_cache_dir) if settings.tiktoken_cache_dir else {}
+    )
     return Pipeline(
         settings=settings,
         upstream=UpstreamClient(settings),
@@ -63,6 +74,9 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         quota=quota,
         metrics=metrics,
         affinity=affinity,
+        estimator=TokenEstimator(
+            encodings, default_completion_tokens=settings.default_completion_tokens
+        ),
     )
 
 

@@ -2,7 +2,7 @@
 
 Every request goes over a real socket to a real gateway (in this process, or
 `server.py` in a child process) and from there to the emulator, which counts
-one token per word. Quota windows are wall-clock minutes: tests of the
+one token per word. Limits count over a sliding 60 s window: tests of the
 in-process store pin the gateway's quota clock (`quota_clock`) instead of
 waiting for a minute to pass.
 """
@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ ADMIN_KEY = "sk-admin-5f1d0c9e7a"
 ALICE_KEY = "sk-alice-3b8e61f0d2"
 BOB_KEY = "sk-bob-a09c4e7731"  # may use gpt-4o only
 RPM_KEY = "sk-rpm-7e2d9b1c44"  # 3 requests a minute
-TPM_KEY = "sk-tpm-c6a0f38e15"  # 5 tokens a minute
+TPM_KEY = "sk-tpm-c6a0f38e15"  # 1000 tokens a minute
 METRICS_KEY = "sk-metrics-91b7e2d04a"
 # Keys callers present that are not configured.
 WRONG_KEYS = ("sk-wrong-0d5c7a2b9f", "sk-guess-6e4f1a8c30")
@@ -53,7 +52,7 @@ KEY_ENTRIES = [
     {"name": "bob", "key": BOB_KEY, "models": ["gpt-4o"]},
     # Held to gpt-4o too, so that the original route (no model) always goes there.
     {"name": "rpm3", "key": RPM_KEY, "rpm": 3, "models": ["gpt-4o"]},
-    {"name": "tpm5", "key": TPM_KEY, "tpm": 5, "models": ["gpt-4o"]},
+    {"name": "tpm1000", "key": TPM_KEY, "tpm": 1000, "models": ["gpt-4o"]},
 ]
 # Two deployments on the one emulator: "gpt-4o", and "mini" serving gpt-4o-mini.
 DEPLOYMENT_ENTRIES = [
@@ -272,7 +271,7 @@ async def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_it
 
 
 @pytest.mark.gen_test
-async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(
+async def test_rpm_admits_rpm_requests_then_429_until_the_first_leaves_the_window(
     start_keyed_gateway, quota_clock
 ):
     gateway = start_keyed_gateway()
@@ -290,13 +289,14 @@ async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(
     refused = await gateway.post("/v1/gpt/chat", {"prompt": "count"}, headers=auth(RPM_KEY))
     body = assert_envelope_error(refused, 429, "rate_limit_exceeded")
     assert body["error"]["type"] == "rate_limit_error" and "'rpm3'" in body["message"]
-    assert refused.headers["Retry-After"] == "50"  # the pinned clock is 10 s into its minute
+    # The three were admitted in the second T0 + 10: it leaves the window 61 s later.
+    assert refused.headers["Retry-After"] == "61"
     assert refused.headers["x-request-id"]
     openai_refused = await gateway.post(
         "/v1/chat/completions", chat("count", "gpt-4o"), headers=auth(RPM_KEY)
     )
     assert_openai_error(openai_refused, 429, "rate_limit_exceeded")
-    assert openai_refused.headers["Retry-After"] == "50"
+    assert openai_refused.headers["Retry-After"] == "61"
     assert len(gateway.emulator.requests) == 3
 
     # Other keys are not limited by it, and an unlimited key gets no rate-limit headers.
@@ -305,62 +305,73 @@ async def test_rpm_admits_rpm_requests_then_429_until_the_next_minute(
         name.lower().startswith("x-ratelimit") for name in free.headers
     )
 
+    # The calendar minute turning frees nothing (no burst at the boundary) ...
     quota_clock.now = T0 + 60
+    still = await gateway.post("/v1/gpt/chat", {"prompt": "count"}, headers=auth(RPM_KEY))
+    assert still.code == 429 and still.headers["Retry-After"] == "11"
+    # ... the admitted requests leaving the window does.
+    quota_clock.now = T0 + 71
     renewed = await gateway.post("/v1/gpt/chat", {"prompt": "count"}, headers=auth(RPM_KEY))
     assert renewed.code == 200 and renewed.headers["x-ratelimit-remaining-requests"] == "2"
     assert "Retry-After" not in renewed.headers
+    assert len(gateway.emulator.requests) == 5
 
 
 @pytest.mark.gen_test
-async def test_tpm_counts_azures_usage_and_refuses_once_the_window_is_used_up(
+async def test_tpm_charges_the_estimate_and_corrects_it_to_azures_usage(
     start_keyed_gateway, quota_clock
 ):
     gateway = start_keyed_gateway()
-    first = await gateway.post("/v1/gpt/chat", {"prompt": "hi"}, headers=auth(TPM_KEY))
-    assert first.code == 200
-    assert body_of(first)["usage"] == echo_usage("hi")  # 1 + 3 = 4 tokens
-    assert first.headers["x-ratelimit-limit-tokens"] == "5"
-    assert first.headers["x-ratelimit-remaining-tokens"] == "5"
-    assert "x-ratelimit-limit-requests" not in first.headers
+    # A prompt estimated at 5,000 tokens can never fit 1000 a minute: refused, Azure not called.
+    huge = await gateway.post(
+        "/v1/chat/completions", chat("word " * 3000, "gpt-4o"), headers=auth(TPM_KEY)
+    )
+    body = assert_openai_error(huge, 429, "tokens_exceed_limit")
+    assert "prompt alone is estimated at 5009 tokens" in body["error"]["message"]
+    assert "No retry will help" in body["error"]["message"]
+    assert "Retry-After" not in huge.headers
+    assert gateway.emulator.requests == []
 
-    # 4 < 5 tokens used: admitted. A stream counts by the usage event the gateway asked Azure for.
+    # Admission charges the estimate: 12 prompt tokens (characters) + max_tokens 100.
+    first = await gateway.post(
+        "/v1/chat/completions", chat("hi there", "gpt-4o", max_tokens=100), headers=auth(TPM_KEY)
+    )
+    assert first.code == 200
+    assert first.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(1000 - 112)
+    assert "x-ratelimit-limit-requests" not in first.headers
+    # The answer corrected the charge to Azure's count (2 + 4 = 6 tokens).
+    assert body_of(first)["usage"] == echo_usage("hi there")
+
+    # A stream is corrected by the usage event the gateway asked Azure for.
     second = await gateway.post(
-        "/v1/chat/completions", chat("hi there", "gpt-4o", stream=True), headers=auth(TPM_KEY)
+        "/v1/chat/completions",
+        chat("hi there", "gpt-4o", stream=True, max_tokens=100),
+        headers=auth(TPM_KEY),
     )
     assert second.code == 200
-    assert second.headers["x-ratelimit-remaining-tokens"] == str(
-        5 - echo_usage("hi")["total_tokens"]
-    )
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 6 - 112)
     assert all(b'"usage":{' not in event for event in parse_events(second.body))
 
-    # 4 + 6 = 10 >= 5: refused, without calling Azure, until the minute turns.
-    for moment in (T0 + 11, T0 + 59):
+    # 12 used; a request whose estimate (12 + 980) does not fit waits for the window.
+    asked_much = chat("hi there", "gpt-4o", max_tokens=980)
+    for moment in (T0 + 11, T0 + 69):
         quota_clock.now = moment
-        refused = await gateway.post("/v1/gpt/chat", {"prompt": "hi"}, headers=auth(TPM_KEY))
-        body = assert_envelope_error(refused, 429, "rate_limit_exceeded")
-        assert "tokens-per-minute" in body["message"]
-        assert refused.headers["x-ratelimit-limit-tokens"] == "5"
-        assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
-        assert refused.headers["Retry-After"] == str(int(T0 + 60 - moment))
+        refused = await gateway.post("/v1/chat/completions", asked_much, headers=auth(TPM_KEY))
+        body = assert_openai_error(refused, 429, "rate_limit_exceeded")
+        assert "1000 tokens per minute" in body["error"]["message"]
+        assert refused.headers["x-ratelimit-limit-tokens"] == "1000"
+        assert refused.headers["x-ratelimit-remaining-tokens"] == str(1000 - 12)
+        assert refused.headers["Retry-After"] == str(int(T0 + 10 + 61 - moment))
     assert len(gateway.emulator.requests) == 2
 
-    quota_clock.now = T0 + 60
-    renewed = await gateway.post("/v1/gpt/chat", {"prompt": "hi"}, headers=auth(TPM_KEY))
-    assert renewed.code == 200 and renewed.headers["x-ratelimit-remaining-tokens"] == "5"
+    quota_clock.now = T0 + 71
+    renewed = await gateway.post("/v1/chat/completions", asked_much, headers=auth(TPM_KEY))
+    assert renewed.code == 200
+    assert renewed.headers["x-ratelimit-remaining-tokens"] == str(1000 - 992)
 
 
 # --- two processes sharing one Redis ---------------------------------------------------
-
-
-async def clear_of_minute_turn(margin: float = 2.0) -> None:
-    """Wait out the end of the current wall-clock minute if it is less than `margin` away.
-
-    The server processes count in real minutes; a burst that straddled two
-    would rightly be admitted twice over.
-    """
-    left = 60.0 - time.time() % 60.0
-    if left < margin:
-        await asyncio.sleep(left + 0.05)
 
 
 @pytest.fixture
@@ -412,7 +423,6 @@ async def test_two_processes_sharing_redis_hold_the_limit_between_them(
             headers={"Content-Type": "application/json", **auth(key)}, raise_error=False,
         )  # fmt: skip
 
-    await clear_of_minute_turn()
     responses = [await ask(index, shared_key) for index in range(12)]
     assert [response.code for response in responses] == [200] * 5 + [429] * 7
     # One counter for both processes: the remaining count goes down across them.
@@ -425,7 +435,7 @@ async def test_two_processes_sharing_redis_hold_the_limit_between_them(
     ]
     for refused in responses[5:]:
         assert_envelope_error(refused, 429, "rate_limit_exceeded")
-        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert 1 <= int(refused.headers["Retry-After"]) <= 61
     assert len(emulator.requests) == 5
     # All at once, still alternating: the one Redis script admits exactly 5 between them.
     burst = await asyncio.gather(*(ask(index, burst_key) for index in range(12)))
@@ -509,7 +519,7 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
 
     def expect(key: str, deployment: str, usage: dict[str, int]) -> None:
         counts = expected.setdefault(key, {}).setdefault(
-            deployment, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+            deployment, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
         )
         counts["requests"] += 1
         counts["prompt_tokens"] += usage["prompt_tokens"]
@@ -566,10 +576,22 @@ async def test_usage_report_counts_every_answer_streamed_or_not(start_keyed_gate
     assert body_of(report) == {"keys": expected}
     assert expected == {
         "alice": {
-            "gpt-4o": {"requests": 1, "prompt_tokens": 3, "completion_tokens": 5},
-            "mini": {"requests": 2, "prompt_tokens": 2 + 4, "completion_tokens": 4 + 6},
+            "gpt-4o": {"requests": 1, "prompt_tokens": 3, "completion_tokens": 5, "cost_usd": 0.0},
+            "mini": {
+                "requests": 2,
+                "prompt_tokens": 2 + 4,
+                "completion_tokens": 4 + 6,
+                "cost_usd": 0.0,
+            },
         },
-        "bob": {"gpt-4o": {"requests": 2, "prompt_tokens": 1 + 3, "completion_tokens": 3 + 5}},
+        "bob": {
+            "gpt-4o": {
+                "requests": 2,
+                "prompt_tokens": 1 + 3,
+                "completion_tokens": 3 + 5,
+                "cost_usd": 0.0,
+            },
+        },
     }
 
     not_admin = await gateway.get("/v1/usage", headers=auth(ALICE_KEY))
@@ -686,7 +708,8 @@ async def test_no_key_in_logs_metrics_or_answers(start_keyed_gateway, quota_cloc
         auth(ALICE_KEY, bearer=True),
     )
     await post("/v1/gpt/chat", {"prompt": "three more tokens", "stream": True}, auth(TPM_KEY))
-    await post("/v1/gpt/chat", {"prompt": "tokens"}, auth(TPM_KEY))  # 429: 3 + 5 tokens >= 5
+    # 429: the default completion budget, capped at the limit, no longer fits.
+    await post("/v1/gpt/chat", {"prompt": "tokens"}, auth(TPM_KEY))
     await get("/v1/models", auth(BOB_KEY))
     await get("/v1/usage", auth(ALICE_KEY))  # 403
     await get("/v1/usage", auth(ADMIN_KEY))

@@ -199,3 +199,34 @@ def test_readme_table_is_the_declared_settings():
         "NO_PROXY",
         "LOG_FORMAT",
     } <= documented
+
+
+def test_admission_routing_and_keepalive_settings(tmp_path):
+    loaded = settings(tmp_path, **REQUIRED)
+    assert loaded.stream_keepalive == 15.0 and loaded.routing == "weighted"
+    assert loaded.default_completion_tokens == 1024 and loaded.tiktoken_cache_dir is None
+    chosen = settings(
+        tmp_path,
+        STREAM_KEEPALIVE="0",
+        ROUTING="least-busy",
+        DEFAULT_COMPLETION_TOKENS="256",
+        TIKTOKEN_CACHE_DIR=str(tmp_path),
+        **REQUIRED,
+    )
+    assert chosen.stream_keepalive == 0.0 and chosen.routing == "least-busy"
+    assert chosen.default_completion_tokens == 256 and chosen.tiktoken_cache_dir == str(tmp_path)
+    assert set(
+        problems(
+            tmp_path,
+            STREAM_KEEPALIVE="-1",
+            ROUTING="random",
+            DEFAULT_COMPLETION_TOKENS="0",
+            TIKTOKEN_CACHE_DIR=str(tmp_path / "absent"),
+            **REQUIRED,
+        )
+    ) == {
+        "STREAM_KEEPALIVE: must be a number of seconds >= 0",
+        "ROUTING: must be weighted or least-busy",
+        "DEFAULT_COMPLETION_TOKENS: must be an integer >= 1",
+        f"TIKTOKEN_CACHE_DIR: must name an existing directory ({tmp_path / 'absent'} not found)",
+    }

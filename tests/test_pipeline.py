@@ -24,6 +24,7 @@ from gateway.faces import FACES, GPT_CHAT, OPENAI_CHAT, Face
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Inbound, Pipeline, RequestRecord
 from gateway.policy.deployments import Deployment
+from gateway.policy.estimate import TokenEstimator
 from gateway.policy.failover import DeploymentPool, Failover
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.quota import MemoryQuota
@@ -148,6 +149,7 @@ def make_pipeline(upstream: ScriptedUpstream, *keys: CallerKey) -> Pipeline:
         keyring=KeyRing(keys),
         quota=MemoryQuota(clock=lambda: T0),
         metrics=Metrics(CollectorRegistry()),
+        estimator=TokenEstimator(),
     )
 
 
@@ -186,7 +188,11 @@ async def test_a_rate_limited_deployment_fails_over_and_the_answer_is_accounted(
     assert record.headers["x-ratelimit-remaining-requests"] == "1"
     assert record.apim_request_id == "apim-1" and record.usage == USAGE
     assert await pipeline.quota.usage_report() == {
-        "keys": {"alice": {"b": {"requests": 1, "prompt_tokens": 3, "completion_tokens": 5}}}
+        "keys": {
+            "alice": {
+                "b": {"requests": 1, "prompt_tokens": 3, "completion_tokens": 5, "cost_usd": 0.0}
+            }
+        }
     }
     assert metric(pipeline, "gateway_upstream_attempts_total", deployment="a", outcome="429") == 1
     assert metric(pipeline, "gateway_upstream_attempts_total", deployment="b", outcome="ok") == 1

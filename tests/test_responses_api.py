@@ -56,6 +56,7 @@ async def test_create_reaches_the_v1_path_and_counts_its_usage(v1_gateway):
         "requests": 1,
         "prompt_tokens": response.usage.input_tokens,
         "completion_tokens": response.usage.output_tokens,
+        "cost_usd": 0.0,  # the deployment has no price
     }
 
 

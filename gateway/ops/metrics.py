@@ -45,6 +45,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -141,8 +142,20 @@ class Metrics:
         )
         self.quota_rejections_total = Counter(
             "gateway_quota_rejections_total",
-            "Requests refused by a caller key's limit (requests or tokens per minute).",
+            "Requests refused by a caller key's limit (requests or tokens per minute, budget).",
             ["key", "limit"],
+            registry=registry,
+        )
+        self.cost_usd_total = Counter(
+            "gateway_cost_usd_total",
+            "US dollars of Azure usage at the deployments' prices, by caller key and deployment.",
+            ["key", "deployment"],
+            registry=registry,
+        )
+        self.spills_total = Counter(
+            "gateway_spills_total",
+            "Requests sent past the first priority group, by the deployment that took them.",
+            ["deployment", "priority"],
             registry=registry,
         )
         self.redis_errors_total = Counter(
@@ -157,6 +170,10 @@ class Metrics:
         self._attempts = LabelledChildren(self.upstream_attempts_total)
         self._tokens = LabelledChildren(self.tokens_total)
         self._quota_rejections = LabelledChildren(self.quota_rejections_total)
+        self._costs = LabelledChildren(self.cost_usd_total)
+        self._spills = LabelledChildren(self.spills_total)
+        # Collectors that read live state at each scrape (see `add_collector`).
+        self._collectors: list[Collector] = []
 
     def count_request(
         self, route: str, status: int, duration: float, time_to_first_token: float | None = None
@@ -177,8 +194,21 @@ class Metrics:
         self._tokens(key, deployment, "completion").inc(completion)
 
     def count_quota_rejection(self, key: str, limit: str) -> None:
-        """Count a request refused by `key`'s limit ("requests" or "tokens")."""
+        """Count a request refused by `key`'s limit ("requests", "tokens" or "budget")."""
         self._quota_rejections(key, limit).inc()
+
+    def count_cost(self, key: str, deployment: str, usd: float) -> None:
+        """Add one answer's cost to gateway_cost_usd_total."""
+        self._costs(key, deployment).inc(usd)
+
+    def count_spill(self, deployment: str, priority: int) -> None:
+        """Count a request sent to `deployment`, past the first priority group."""
+        self._spills(deployment, priority).inc()
+
+    def add_collector(self, collector: Collector) -> None:
+        """Expose `collector` too: this process's values, in multiprocess mode as well."""
+        self._collectors.append(collector)
+        self.registry.register(collector)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its Content-Type.
@@ -190,6 +220,8 @@ class Metrics:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        for collector in self._collectors:
+            registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

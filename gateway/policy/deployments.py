@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from gateway.errors import ConfigError
+from gateway.policy.budgets import Price
+from gateway.policy.capacity import DEFAULT_PRIORITY
 from gateway.secret import Secret
 from gateway.validation import compile_validator, describe, field_path, load_registry
 
@@ -33,6 +35,9 @@ class Deployment:
     key: Secret
     weight: float = 1.0
     models: tuple[str, ...] = ()
+    # Requests go to the lowest priority with capacity (gateway/policy/capacity.py).
+    priority: int = DEFAULT_PRIORITY
+    price: Price | None = None  # US dollars per million tokens; None costs nothing
 
     @cached_property
     def names(self) -> tuple[str, ...]:
@@ -141,6 +146,8 @@ def load_deployments(document: Any, environ: Mapping[str, str]) -> tuple[Deploym
                 key=Secret(key),
                 weight=float(entry.get("weight", 1)),
                 models=tuple(entry.get("models") or (entry["deployment"],)),
+                priority=int(entry.get("priority", DEFAULT_PRIORITY)),
+                price=Price.from_config(entry["price"]) if "price" in entry else None,
             )
         )
     if problems:

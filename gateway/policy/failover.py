@@ -1,5 +1,9 @@
 """Which deployment gets a request, and what happens when it fails.
 
+The choice is gateway/policy/capacity.py's: the lowest priority group with
+capacity (not cooling down here, and not short of tokens by Azure's last
+remaining counts), by weight or least busy within it.
+
 Retry rules (before any byte reached the caller, never after):
 - retryable: 429, 408, 500, 502, 503, 504, a refused or reset connection, a
   first-byte or request timeout. The failing deployment cools down for
@@ -23,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from gateway.errors import GatewayError
+from gateway.policy.capacity import CapacityBoard, PriorityRouter
 from gateway.policy.deployments import Deployment
 
 BACKOFF_BASE = 0.5
@@ -35,7 +40,7 @@ def backoff_delay(failures: int, rng: random.Random) -> float:
 
 
 class DeploymentPool:
-    """The configured deployments, their weights and their cool-downs."""
+    """The configured deployments, their cool-downs, and what Azure says each has left."""
 
     def __init__(
         self,
@@ -43,12 +48,18 @@ class DeploymentPool:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        least_busy: bool = False,
+        on_spill: Callable[[int, Deployment], None] = lambda first_priority, chosen: None,
     ) -> None:
         self.deployments = tuple(deployments)
         self._clock = clock
         self._rng = rng or random.Random()
         self._cool_until: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self.board = CapacityBoard(clock=clock)
+        self.router = PriorityRouter(
+            self.board, self.cooling_for, least_busy=least_busy, on_spill=on_spill, rng=self._rng
+        )
 
     def candidates(self, model: str | None) -> tuple[Deployment, ...]:
         """Deployments that serve `model`; all of them for None.
@@ -70,12 +81,11 @@ class DeploymentPool:
     def cooling_for(self, deployment: Deployment) -> float:
         return max(0.0, self._cool_until.get(deployment.name, 0.0) - self._clock())
 
-    def choose(self, candidates: tuple[Deployment, ...]) -> Deployment | None:
-        """A ready candidate, picked by weight; None if all are cooling down."""
-        ready = [d for d in candidates if self.cooling_for(d) == 0.0]
-        if len(ready) <= 1:
-            return ready[0] if ready else None  # no draw: the usual case is one deployment
-        return self._rng.choices(ready, weights=[d.weight for d in ready])[0]
+    def choose(self, candidates: tuple[Deployment, ...], tokens: int = 0) -> Deployment | None:
+        """The candidate for a request of an estimated `tokens`; None if all are cooling down."""
+        if len(candidates) == 1:  # the usual case: no groups to look at
+            return candidates[0] if self.cooling_for(candidates[0]) == 0.0 else None
+        return self.router.choose(candidates, tokens)
 
     def earliest_ready(self, candidates: tuple[Deployment, ...]) -> float:
         """Seconds until the first of `candidates` stops cooling down."""
@@ -99,10 +109,13 @@ class Failover:
         self.max_attempts = max_attempts
         self.max_retry_wait = max_retry_wait
 
-    def plan(self, candidates: tuple[Deployment, ...], *, pinned: bool = False) -> FailoverPlan:
-        """The attempts of one request over `candidates`; `pinned`: the one candidate holds
-        what the request is about, so no other may be asked (module docstring)."""
-        return FailoverPlan(self, candidates, pinned=pinned)
+    def plan(
+        self, candidates: tuple[Deployment, ...], tokens: int = 0, *, pinned: bool = False
+    ) -> FailoverPlan:
+        """The attempts of one request of an estimated `tokens` over `candidates`; `pinned`:
+        the one candidate holds what the request is about, so no other may be asked
+        (module docstring)."""
+        return FailoverPlan(self, candidates, tokens, pinned=pinned)
 
 
 class FailoverPlan:
@@ -119,12 +132,18 @@ class FailoverPlan:
     """
 
     def __init__(
-        self, failover: Failover, candidates: tuple[Deployment, ...], *, pinned: bool = False
+        self,
+        failover: Failover,
+        candidates: tuple[Deployment, ...],
+        tokens: int = 0,
+        *,
+        pinned: bool = False,
     ) -> None:
         self._failover = failover
         self._pool = failover.pool
         self.candidates = candidates
         self.pinned = pinned
+        self.tokens = tokens
         self.attempts = 0
 
     async def next_deployment(self) -> Deployment:
@@ -134,7 +153,7 @@ class FailoverPlan:
         (`failed` already raised once `max_attempts` were used up).
         """
         while True:
-            deployment = self._pool.choose(self.candidates)
+            deployment = self._pool.choose(self.candidates, self.tokens)
             if deployment is not None:
                 self.attempts += 1
                 return deployment

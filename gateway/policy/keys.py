@@ -2,7 +2,8 @@
 
 Keys come from `API_KEYS` (comma-separated, named key1, key2, ... in order)
 or from the `keys:` section of a YAML file, whose entries may also carry
-per-key limits (`rpm`, `tpm`), the models a key may use and an `admin` flag.
+per-key limits (`rpm`, `tpm`), budgets (`tokens_per_day`, `tokens_per_month`,
+`usd_per_month`: gateway/policy/budgets.py), the models a key may use and an `admin` flag.
 With no key configured the gateway stays open, as the original service was.
 
 A key's value is a `Secret`: only its name and its `fingerprint` (a short
@@ -16,13 +17,16 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from jsonschema.exceptions import ValidationError
 from tornado.httputil import HTTPHeaders
 
 from gateway.errors import ConfigError, GatewayError
+from gateway.policy.budgets import Budget
 from gateway.policy.deployments import entry_label, expand_variables
+from gateway.policy.limits import KeyLimits
 from gateway.secret import Secret
 from gateway.validation import compile_validator, load_registry
 
@@ -36,6 +40,9 @@ _FIELD_RULES = {
     "key": "must be a non-empty string (the key, or ${VAR})",
     "rpm": "must be an integer >= 1",
     "tpm": "must be an integer >= 1",
+    "tokens_per_day": "must be an integer >= 1",
+    "tokens_per_month": "must be an integer >= 1",
+    "usd_per_month": "must be a number > 0",
     "models": "must be a non-empty list of model names",
     "admin": "must be true or false",
 }
@@ -51,6 +58,17 @@ class CallerKey:
     tpm: int | None = None
     models: tuple[str, ...] | None = None
     admin: bool = False
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    usd_per_month: float | None = None
+
+    @cached_property
+    def limits(self) -> KeyLimits:
+        return KeyLimits(self.name, self.rpm, self.tpm)
+
+    @cached_property
+    def budget(self) -> Budget:
+        return Budget(self.name, self.tokens_per_day, self.tokens_per_month, self.usd_per_month)
 
     @property
     def fingerprint(self) -> str:
@@ -149,6 +167,9 @@ def keys_from_yaml(
             tpm=int(entry["tpm"]) if "tpm" in entry else None,
             models=tuple(entry["models"]) if "models" in entry else None,
             admin=bool(entry.get("admin", False)),
+            tokens_per_day=entry.get("tokens_per_day"),
+            tokens_per_month=entry.get("tokens_per_month"),
+            usd_per_month=None if "usd_per_month" not in entry else float(entry["usd_per_month"]),
         )
         for entry, value in zip(entries, values, strict=True)
     ]

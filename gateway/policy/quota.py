@@ -1,30 +1,27 @@
-"""Per-key requests- and tokens-per-minute limits, and the usage report.
+"""Per-key admission (rate limits and budgets) and the usage report, in memory or in Redis.
 
-Windows are fixed and follow the wall clock: a request at time `now` counts
-in window `int(now // 60)`, the current calendar minute, and every counter
-starts again at zero when the minute turns. Window counters expire 2 minutes
-after they are created. With several processes (or hosts) sharing Redis,
-their clocks must agree (NTP) for them to agree on the minute.
+Admission, before Azure is called, for a request's token estimate
+(gateway/policy/estimate.py): the key's budgets first (gateway/policy/budgets.py;
+used up, a 429 naming the reset time), then its `rpm` and `tpm` over a
+sliding 60-second window (gateway/policy/limits.py), which charges the
+request's estimate. A refused request is charged nothing.
 
-A request is admitted when the key has made fewer than `rpm` requests in the
-window *and* used fewer than `tpm` tokens in it; an admitted request is
-counted at once, a refused one is not. Tokens are known only after Azure
-answers, so `record_usage` adds them later (to the window current *then*):
-the request that crosses `tpm` is let through, and the ones after it wait
-for the next minute.
+After the answer, `record_usage` settles the request with what Azure
+counted: the window's charge is corrected to the real tokens, the budgets
+get the tokens and the cost, and the usage report gets all of it.
 
 Two stores share one interface (`QuotaStore`):
 
 - `MemoryQuota` counts in this process only: with several PM2 instances each
   enforces the limits alone, so a key may get up to N times its limits, and
   each reports only its own usage.
-- `RedisQuota` counts in Redis. One Lua script checks both limits and counts
-  the request in a single step, so processes sharing Redis never admit more
-  than `rpm` between them. When Redis cannot be reached it either admits
-  (`on_error="open"`) or refuses with a 503 (`"closed"`); each failure calls
-  `on_redis_error` and at most one warning a minute is logged. Recording
-  usage never fails a request: after Azure has answered there is nothing
-  left to refuse.
+- `RedisQuota` counts in Redis: the window's check and charge are one Lua
+  script, so processes sharing Redis never admit more than the limit between
+  them. When Redis cannot be reached it either admits without limits
+  (`on_error="open"`) or refuses limited keys with a 503 (`"closed"`); each
+  failure calls `on_redis_error` and at most one warning a minute is logged.
+  Recording usage never fails a request: after Azure has answered there is
+  nothing left to refuse.
 
 Usage-report counters never expire: they run from when the store was empty
 (for `MemoryQuota`, since the process started).
@@ -35,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,12 +44,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.errors import GatewayError
+from gateway.policy.budgets import BudgetStore, MemoryBudgets, RedisBudgets, TokenUsage
+from gateway.policy.estimate import Estimate
 from gateway.policy.keys import CallerKey
+from gateway.policy.limits import Charge, MemoryRateLimiter, RateLimiter, RedisRateLimiter
 
 log = logging.getLogger("azure-gpt-api.quota")
 
-WINDOW_SECONDS = 60
-COUNTER_TTL_SECONDS = 2 * WINDOW_SECONDS
 # Quota checks sit in front of every request: a Redis that does not answer
 # within this long counts as down, rather than holding requests up.
 REDIS_SOCKET_TIMEOUT = 0.5
@@ -71,33 +68,39 @@ ANONYMOUS = "anonymous"
 
 _REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 _USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens")
+COST_FIELD = "cost_usd"
 
 
 @dataclass(frozen=True)
 class Admission:
-    """Whether a request may go on, and the rate-limit headers to answer with.
+    """A request let through or refused, with the rate-limit headers to answer with.
 
-    `limit` is "requests" or "tokens" when refused; `retry_after` is the
-    whole seconds until the window ends (at least 1) when refused, else 0.
+    `refusal` is the 429 to raise, and `limit` what refused it ("requests",
+    "tokens" or "budget"); `charge` is what the window charged, for
+    `record_usage` to correct.
     """
 
-    allowed: bool
-    limit: str | None
-    retry_after: int
     headers: dict[str, str] = field(default_factory=dict)
+    charge: Charge | None = None
+    refusal: GatewayError | None = None
+    limit: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None
 
 
 class QuotaStore(Protocol):
-    async def admit(self, key: CallerKey, now: float | None = None) -> Admission: ...
+    async def admit(self, key: CallerKey, estimate: Estimate) -> Admission: ...
 
     async def record_usage(
         self,
         key_name: str,
         key: CallerKey | None,
         deployment: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        now: float | None = None,
+        usage: TokenUsage,
+        cost_usd: float,
+        charge: Charge | None = None,
     ) -> None: ...
 
     async def usage_report(self) -> dict: ...
@@ -105,48 +108,23 @@ class QuotaStore(Protocol):
     async def close(self) -> None: ...
 
 
-def window_of(now: float) -> int:
-    """The fixed window `now` falls in: the wall-clock minute."""
-    return int(now // WINDOW_SECONDS)
-
-
-def seconds_to_next_window(now: float) -> int:
-    """Whole seconds until the current window ends, at least 1."""
-    return max(1, math.ceil((window_of(now) + 1) * WINDOW_SECONDS - now))
-
-
 def has_limits(key: CallerKey) -> bool:
-    return key.rpm is not None or key.tpm is not None
+    return key.limits.limited or key.budget.limited
 
 
-def build_admission(
-    key: CallerKey, *, limit: str | None, requests: int, tokens: int, now: float
+async def admit_with(
+    limiter: RateLimiter, budgets: BudgetStore, key: CallerKey, estimate: Estimate
 ) -> Admission:
-    """The decision with its headers; `requests` counts this request when it is admitted."""
-    headers: dict[str, str] = {}
-    if key.rpm is not None:
-        headers["x-ratelimit-limit-requests"] = str(key.rpm)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, key.rpm - requests))
-    if key.tpm is not None:
-        headers["x-ratelimit-limit-tokens"] = str(key.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - tokens))
-    if limit is None:
-        return Admission(True, None, 0, headers)
-    retry_after = seconds_to_next_window(now)
-    headers["Retry-After"] = str(retry_after)
-    headers["retry-after-ms"] = str(retry_after * 1000)
-    return Admission(False, limit, retry_after, headers)
+    """Budgets, then the window (which charges only a request it admits)."""
+    if key.budget.limited:
+        over = await budgets.check(key.budget)
+        if over is not None:
+            return Admission(refusal=over, limit="budget")
+    decision = await limiter.admit(key.limits, estimate)
+    return Admission(decision.headers, decision.charge, decision.refusal, decision.limit)
 
 
-def _exceeded(key: CallerKey, requests: int, tokens: int) -> str | None:
-    if key.rpm is not None and requests >= key.rpm:
-        return "requests"
-    if key.tpm is not None and tokens >= key.tpm:
-        return "tokens"
-    return None
-
-
-def _sorted_report(usage: dict[str, dict[str, dict[str, int]]]) -> dict:
+def _sorted_report(usage: dict[str, dict[str, dict[str, float]]]) -> dict:
     return {
         "keys": {
             name: {deployment: dict(usage[name][deployment]) for deployment in sorted(usage[name])}
@@ -155,89 +133,51 @@ def _sorted_report(usage: dict[str, dict[str, dict[str, int]]]) -> dict:
     }
 
 
+def _new_counters() -> dict[str, float]:
+    return {**dict.fromkeys(_USAGE_FIELDS, 0), COST_FIELD: 0.0}
+
+
 class MemoryQuota:
-    """Limits and usage counted in this process; see the module docstring for what that means."""
+    """Limits, budgets and usage counted in this process; see the module docstring."""
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._requests: dict[tuple[str, int], int] = {}
-        self._tokens: dict[tuple[str, int], int] = {}
-        self._usage: dict[str, dict[str, dict[str, int]]] = {}
+        self.limiter = MemoryRateLimiter(clock=clock)
+        self.budgets = MemoryBudgets(clock=clock)
+        self._usage: dict[str, dict[str, dict[str, float]]] = {}
 
-    def _forget_before(self, window: int) -> None:
-        for counters in (self._requests, self._tokens):
-            for stale in [entry for entry in counters if entry[1] < window - 1]:
-                del counters[stale]
-
-    async def admit(self, key: CallerKey, now: float | None = None) -> Admission:
-        """Admit and count a request of `key`, or refuse it without counting it."""
-        now = self._clock() if now is None else now
+    async def admit(self, key: CallerKey, estimate: Estimate) -> Admission:
+        """Admit and charge a request of `key`, or refuse it without charging it."""
         if not has_limits(key):
-            return Admission(True, None, 0, {})
-        window = window_of(now)
-        self._forget_before(window)
-        requests = self._requests.get((key.name, window), 0)
-        tokens = self._tokens.get((key.name, window), 0)
-        limit = _exceeded(key, requests, tokens)
-        if limit is None:
-            requests += 1
-            self._requests[(key.name, window)] = requests
-        return build_admission(key, limit=limit, requests=requests, tokens=tokens, now=now)
+            return Admission()
+        return await admit_with(self.limiter, self.budgets, key, estimate)
 
     async def record_usage(
         self,
         key_name: str,
         key: CallerKey | None,
         deployment: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        now: float | None = None,
+        usage: TokenUsage,
+        cost_usd: float,
+        charge: Charge | None = None,
     ) -> None:
-        """Add one answered request's tokens to `key`'s window and to the usage report."""
-        now = self._clock() if now is None else now
-        if key is not None and key.tpm is not None:
-            window = window_of(now)
-            self._forget_before(window)
-            entry = (key.name, window)
-            self._tokens[entry] = self._tokens.get(entry, 0) + prompt_tokens + completion_tokens
-        counters = self._usage.setdefault(key_name, {}).setdefault(
-            deployment, dict.fromkeys(_USAGE_FIELDS, 0)
-        )
+        """Settle one answered request: correct its charge, add it to budgets and the report."""
+        if charge is not None:
+            await self.limiter.correct(charge, usage.total)
+        if key is not None and key.budget.limited:
+            await self.budgets.record(key.name, usage.total, cost_usd)
+        counters = self._usage.setdefault(key_name, {}).setdefault(deployment, _new_counters())
         counters["requests"] += 1
-        counters["prompt_tokens"] += prompt_tokens
-        counters["completion_tokens"] += completion_tokens
+        counters["prompt_tokens"] += usage.input_tokens
+        counters["completion_tokens"] += usage.output_tokens
+        counters[COST_FIELD] += cost_usd
 
     async def usage_report(self) -> dict:
-        """`{"keys": {name: {deployment: {"requests", "prompt_tokens", "completion_tokens"}}}}`."""
+        """`{"keys": {name: {deployment: {"requests", "prompt_tokens", "completion_tokens",
+        "cost_usd"}}}}`."""
         return _sorted_report(self._usage)
 
     async def close(self) -> None:
         """Nothing to release; here so both stores close the same way."""
-
-
-# Check both limits and count the request in one atomic step.
-# KEYS[1]: requests in the window; KEYS[2]: tokens in the window.
-# ARGV[1]: rpm, ARGV[2]: tpm (0 = no such limit); ARGV[3]: counter TTL (s).
-# Returns {admitted 1/0, refused limit or '', requests, tokens}.
-_ADMIT_SCRIPT = """
-local rpm = tonumber(ARGV[1])
-local tpm = tonumber(ARGV[2])
-local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
-local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
-if rpm > 0 and requests >= rpm then
-  return {0, 'requests', requests, tokens}
-end
-if tpm > 0 and tokens >= tpm then
-  return {0, 'tokens', requests, tokens}
-end
-if rpm > 0 then
-  requests = redis.call('INCR', KEYS[1])
-  if requests == 1 then
-    redis.call('EXPIRE', KEYS[1], ARGV[3])
-  end
-end
-return {1, '', requests, tokens}
-"""
 
 
 def redacted_redis_url(url: str) -> str:
@@ -256,10 +196,10 @@ def _url_passwords(url: str) -> list[str]:
 
 
 class RedisQuota:
-    """Limits and usage counted in Redis, shared by every process that uses the same server.
+    """Limits, budgets and usage counted in Redis, shared by every process using the same server.
 
-    Keys are prefixed with `prefix`: `azgw:requests:<key>:<window>` and
-    `azgw:tokens:<key>:<window>` (expiring), `azgw:usage:["<key>","<deployment>"]`
+    Keys are prefixed with `prefix`: the windows' `azgw:window:...` and the
+    budgets' `azgw:budget:...` (expiring), `azgw:usage:["<key>","<deployment>"]`
     hashes and the `azgw:usage-index` set listing them.
     """
 
@@ -276,7 +216,6 @@ class RedisQuota:
             raise ValueError(f"on_error must be 'open' or 'closed', not {on_error!r}")
         self.on_error = on_error
         self.prefix = prefix
-        self._clock = clock
         self.safe_url = redacted_redis_url(url)
         self._passwords = _url_passwords(url)
         self._on_redis_error = on_redis_error
@@ -291,13 +230,8 @@ class RedisQuota:
             retry=Retry(NoBackoff(), REDIS_RETRIES),
         )
         self._redis = aioredis.Redis.from_pool(pool)
-        self._admit_script = self._redis.register_script(_ADMIT_SCRIPT)
-
-    def _requests_key(self, name: str, window: int) -> str:
-        return f"{self.prefix}requests:{name}:{window}"
-
-    def _tokens_key(self, name: str, window: int) -> str:
-        return f"{self.prefix}tokens:{name}:{window}"
+        self.limiter = RedisRateLimiter(self._redis, prefix=prefix, clock=clock)
+        self.budgets = RedisBudgets(self._redis, prefix=prefix, clock=clock)
 
     def _usage_key(self, member: str) -> str:
         return f"{self.prefix}usage:{member}"
@@ -322,67 +256,55 @@ class RedisQuota:
             "but not logged for %d s.",
             self.safe_url,
             detail,
-            "admitting requests without rate limits"
+            "admitting requests without rate limits or budgets"
             if self.on_error == "open"
-            else "refusing rate-limited keys with 503",
+            else "refusing limited keys with 503",
             ERROR_LOG_INTERVAL,
         )
 
-    async def admit(self, key: CallerKey, now: float | None = None) -> Admission:
-        """Admit and count a request of `key` atomically across processes, or refuse it."""
-        now = self._clock() if now is None else now
+    async def admit(self, key: CallerKey, estimate: Estimate) -> Admission:
+        """Admit and charge a request of `key` atomically across processes, or refuse it."""
         if not has_limits(key):
-            return Admission(True, None, 0, {})
-        window = window_of(now)
+            return Admission()
         try:
-            admitted, limit, requests, tokens = await self._admit_script(
-                keys=[self._requests_key(key.name, window), self._tokens_key(key.name, window)],
-                args=[key.rpm or 0, key.tpm or 0, COUNTER_TTL_SECONDS],
-            )
+            return await admit_with(self.limiter, self.budgets, key, estimate)
         except _REDIS_FAILURES as error:
             self._redis_failed(error)
             if self.on_error == "open":
-                return Admission(True, None, 0, {})
+                return Admission()
             raise GatewayError(
                 503,
                 "quota_unavailable",
                 "Rate limits cannot be checked right now (the quota store is unreachable); "
                 "retry shortly.",
             ) from None
-        return build_admission(
-            key,
-            limit=None if admitted else limit,
-            requests=int(requests),
-            tokens=int(tokens),
-            now=now,
-        )
 
     async def record_usage(
         self,
         key_name: str,
         key: CallerKey | None,
         deployment: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        now: float | None = None,
+        usage: TokenUsage,
+        cost_usd: float,
+        charge: Charge | None = None,
     ) -> None:
-        """Add one answered request's tokens to `key`'s window and to the usage report.
+        """Settle one answered request: correct its charge, add it to budgets and the report.
 
         A Redis failure is counted and logged, never raised.
         """
-        now = self._clock() if now is None else now
         member = json.dumps([key_name, deployment])
         usage_key = self._usage_key(member)
         try:
+            if charge is not None:
+                await self.limiter.correct(charge, usage.total)
+            if key is not None and key.budget.limited:
+                await self.budgets.record(key.name, usage.total, cost_usd)
             async with self._redis.pipeline(transaction=True) as pipe:
-                total = prompt_tokens + completion_tokens
-                if key is not None and key.tpm is not None and total:
-                    tokens_key = self._tokens_key(key.name, window_of(now))
-                    pipe.incrby(tokens_key, total)
-                    pipe.expire(tokens_key, COUNTER_TTL_SECONDS)
                 pipe.hincrby(usage_key, "requests", 1)
-                pipe.hincrby(usage_key, "prompt_tokens", prompt_tokens)
-                pipe.hincrby(usage_key, "completion_tokens", completion_tokens)
+                pipe.hincrby(usage_key, "prompt_tokens", usage.input_tokens)
+                pipe.hincrby(usage_key, "completion_tokens", usage.output_tokens)
+                if cost_usd:
+                    pipe.hincrbyfloat(usage_key, COST_FIELD, cost_usd)
                 pipe.sadd(self._usage_index, member)
                 await pipe.execute()
         except _REDIS_FAILURES as error:
@@ -404,12 +326,12 @@ class RedisQuota:
             raise GatewayError(
                 503, "quota_unavailable", "The usage report is unavailable right now."
             ) from None
-        usage: dict[str, dict[str, dict[str, int]]] = {}
+        usage: dict[str, dict[str, dict[str, float]]] = {}
         for member, counters in zip(members, hashes, strict=True):
             key_name, deployment = json.loads(member)
-            usage.setdefault(key_name, {})[deployment] = {
-                name: int(counters.get(name, 0)) for name in _USAGE_FIELDS
-            }
+            row: dict[str, float] = {name: int(counters.get(name, 0)) for name in _USAGE_FIELDS}
+            row[COST_FIELD] = float(counters.get(COST_FIELD, 0))
+            usage.setdefault(key_name, {})[deployment] = row
         return _sorted_report(usage)
 
     async def close(self) -> None:
