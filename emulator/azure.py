@@ -26,7 +26,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPServerRequest, responses
@@ -56,6 +56,16 @@ RATE_LIMITED = (
     "token rate limit of your current OpenAI S0 pricing tier. Please retry after {seconds} seconds. Please go "
     "here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
 )
+# Azure's 401 for a bearer token it cannot accept has no `error` envelope (PROTOCOL-v1.md section 2.1).
+TOKEN_REFUSED = {
+    "statusCode": 401,
+    "message": "Unauthorized. Access token is missing, invalid, audience is incorrect "
+    "(https://cognitiveservices.azure.com), or have expired.",
+}
+# Azure's 401 for a valid token whose identity lacks the role; inject it as a Fault body.
+PERMISSION_DENIED = {
+    "error": {"code": "PermissionDenied", "message": "Principal does not have access to API/Operation."}
+}
 CONTENT_FILTERED = (
     "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
     "Please modify your prompt and retry."
@@ -451,11 +461,20 @@ class ChatCompletionsHandler(EmulatorHandler):
         version, versions = self.get_query_argument("api-version", None), self.emulator.api_versions
         if version is None or (versions is not None and version not in versions):
             raise ErrorAnswer(404, azure_error(404))
-        if self.request.headers.get("api-key") != self.emulator.key:
-            raise ErrorAnswer(401, azure_error(401))
+        self.authenticate()
         if deployment not in self.emulator.deployments:
             raise ErrorAnswer(404, {"error": {"code": "DeploymentNotFound", "message": DEPLOYMENT_NOT_FOUND}})
         return parse_chat_request(self.request.body)
+
+    def authenticate(self) -> None:
+        """Accept the api-key or, with a `token_verifier`, a bearer token it accepts; else Azure's 401."""
+        headers, verifier = self.request.headers, self.emulator.token_verifier
+        if verifier is not None and "api-key" not in headers:
+            scheme, _, token = headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not verifier(token.strip()):
+                raise ErrorAnswer(401, dict(TOKEN_REFUSED))
+        elif headers.get("api-key") != self.emulator.key:
+            raise ErrorAnswer(401, azure_error(401))
 
     async def stream(self, payloads: list[str], fault: Fault) -> None:
         """Write and flush each event on its own, `chunk_gap` apart; abort after `reset_after` of them."""
@@ -550,8 +569,10 @@ class AzureEmulator:
         model: str = "gpt-4o-2024-08-06",
         api_versions: Iterable[str] | None = None,
         async_filter: bool = False,
+        token_verifier: Callable[[str], bool] | None = None,
     ) -> None:
         self.key = key
+        self.token_verifier = token_verifier  # accepts Authorization: Bearer tokens it returns True for
         self.async_filter = async_filter
         self.deployments = frozenset(deployments)
         self.model = model
