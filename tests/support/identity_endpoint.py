@@ -118,6 +118,10 @@ class IdentityEndpoint:
         expires_on = self._issued.get(token)
         return expires_on is not None and time.time() < expires_on
 
+    def remaining(self, token: str) -> float:
+        """Seconds until `token` expires (negative once it has, or if it was never issued)."""
+        return self._issued.get(token, 0.0) - time.time()
+
     def expire_all(self) -> None:
         """Make every token issued so far invalid, as a revocation would."""
         self._issued.clear()
