@@ -96,18 +96,25 @@ class EntraOptions:
 
     @property
     def description(self) -> str:
-        """What the start-up log says about this identity; never a secret."""
+        """What the start-up log says about this identity: `entra: <credential>`."""
+        return f"entra: {self.credential}"
+
+    @property
+    def credential(self) -> str:
+        """The credential in words, for logs and error messages; never a secret."""
         if self.kind == "default":
-            chain = "default chain: environment, workload identity, managed identity, Azure CLI"
-            return f"entra: {chain}" + (f"; client_id {self.client_id}" if self.client_id else "")
+            chain = (
+                "the default chain (environment, workload identity, managed identity, Azure CLI)"
+            )
+            return chain + (f" with client_id {self.client_id}" if self.client_id else "")
         if self.kind == "managed_identity":
             which = f"client_id {self.client_id}" if self.client_id else "system-assigned"
-            return f"entra: managed identity ({which})"
+            return f"managed identity ({which})"
         if self.kind == "workload_identity":
-            return "entra: workload identity" + _details(self.client_id, self.tenant_id)
+            return "workload identity" + _details(self.client_id, self.tenant_id)
         if self.kind == "client_secret":
-            return "entra: service principal" + _details(self.client_id, self.tenant_id)
-        return "entra: Azure CLI" + _details(None, self.tenant_id)
+            return "service principal" + _details(self.client_id, self.tenant_id)
+        return "Azure CLI" + _details(None, self.tenant_id)
 
 
 def _details(client_id: str | None, tenant_id: str | None) -> str:
@@ -241,7 +248,12 @@ def make_credential(options: EntraOptions) -> AsyncTokenCredential:
 
 
 class UpstreamAuth(Protocol):
-    """What an upstream attempt needs from a deployment's credentials."""
+    """What an upstream attempt needs from a deployment's credentials.
+
+    When Azure answers 401, the attempt calls `reject(headers it sent)`; if
+    that returns True it is made once more with new `headers()`, and a
+    second 401 maps as any other.
+    """
 
     @property
     def description(self) -> str: ...
@@ -326,11 +338,12 @@ class _Token:
 class TokenUnavailable(GatewayError):
     """No usable Entra token: 502, retryable, so failover tries another deployment."""
 
-    def __init__(self, description: str, reason: str) -> None:
+    def __init__(self, credential: str, reason: str) -> None:
         super().__init__(
             502,
             "upstream_auth_unavailable",
-            f"The gateway has no Entra ID token for Azure OpenAI: {description} failed ({reason}).",
+            f"The gateway could not get an Entra ID token for Azure OpenAI from {credential}: "
+            f"{reason}",
             retryable=True,
         )
         self.reason = reason
@@ -402,7 +415,7 @@ class TokenSource:
             and self._failed_at is not None
             and time.monotonic() - self._failed_at < CALLER_RETRY_INTERVAL
         ):
-            raise TokenUnavailable(self.description, self._last_reason)
+            raise TokenUnavailable(self.options.credential, self._last_reason)
         return (await self._acquire()).value
 
     def drop(self, token: str) -> None:
@@ -443,6 +456,7 @@ class TokenSource:
             if previous is not None and info.token == previous.value:
                 await self._replace_credential()
                 info = await self._ask()
+                # After a 401 (nothing held) the identity's answer stands, even the same token.
                 if info.token == previous.value and self._held is not None:
                     raise RuntimeError("the identity gave back the token it is refreshing")
             if info.expires_on <= time.time():
@@ -452,18 +466,16 @@ class TokenSource:
             self._failed_at = time.monotonic()
             self._last_reason = _reason(error)
             self._on_failed(self.options.label)
-            log.warning(
-                "upstream auth: %s could not get a token: %s", self.description, self._last_reason
-            )
-            raise TokenUnavailable(self.description, self._last_reason) from None
+            log.warning("entra: %s gave no token: %s", self.options.credential, self._last_reason)
+            raise TokenUnavailable(self.options.credential, self._last_reason) from None
         now = time.time()
         token = _Token(info.token, received=now, expires_on=float(info.expires_on))
         self._held, self._dropped = token, None
         self._failures, self._failed_at = 0, None
         self._on_acquired(self.options.label)
         log.info(
-            "upstream auth: %s got a token valid for %d s",
-            self.description,
+            "entra: %s gave a token valid for %d s",
+            self.options.credential,
             round(token.expires_on - now),
         )
         self._changed.set()

@@ -270,7 +270,10 @@ async def test_identity_endpoint_down_is_a_clear_502_and_recovery_follows(
     error = raised.value
     assert isinstance(error, GatewayError)
     assert error.status == 502 and error.code == "upstream_auth_unavailable" and error.retryable
-    assert "entra: managed identity (system-assigned) failed" in error.message
+    assert error.message.startswith(
+        "The gateway could not get an Entra ID token for Azure OpenAI from managed identity"
+        " (system-assigned): "
+    )
     assert "127.0.0.1" in error.reason  # the reason says what failed: the connection
     assert not auth.ready and not sources.ready
     assert recorder.failed and set(recorder.failed) == {"managed_identity"}
@@ -315,7 +318,7 @@ async def test_no_token_text_in_logs_errors_or_reprs(sources, endpoint, client, 
     tokens = [h["Authorization"].removeprefix("Bearer ") for h in (first, second)]
     assert len(set(tokens)) == 2
     logged = caplog.text
-    assert "could not get a token" in logged and "got a token valid for" in logged
+    assert "gave no token" in logged and "gave a token valid for" in logged
     shown = [logged, str(raised.value), json.dumps(raised.value.error_object())]
     shown += [repr(source) for source in sources.sources] + [repr(vars(s)) for s in sources.sources]
     for text in shown:
