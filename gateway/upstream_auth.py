@@ -37,10 +37,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.credentials import AccessTokenInfo
+from azure.core.credentials_async import AsyncSupportsTokenInfo
 from azure.identity import aio as identity
 
-from gateway.deployments import expand_variables
 from gateway.errors import ConfigError, GatewayError
 from gateway.secret import Secret
 
@@ -125,7 +125,12 @@ def _details(client_id: str | None, tenant_id: str | None) -> str:
 # --- configuration --------------------------------------------------------------
 
 
-def parse_auth_entry(raw: Any, environ: Mapping[str, str], where: str) -> EntraOptions:
+# `${VAR}` expansion: (the value, the variables it names that are unset). The deployments
+# loader passes its own, so this module does not depend on it.
+Expand = Callable[[str], tuple[str, list[str]]]
+
+
+def parse_auth_entry(raw: Any, expand: Expand, where: str) -> EntraOptions:
     """The `auth:` of a deployments-file entry as EntraOptions, or a ConfigError naming `where`.
 
     `auth: entra` is the default chain; `auth: {kind: managed_identity,
@@ -140,7 +145,7 @@ def parse_auth_entry(raw: Any, environ: Mapping[str, str], where: str) -> EntraO
     if not isinstance(raw, dict):
         raise ConfigError([f"{where}.auth: must be 'entra' or a mapping with a kind"])
     kind = raw.get("kind")
-    if kind not in CREDENTIAL_OPTIONS:
+    if not isinstance(kind, str) or kind not in CREDENTIAL_OPTIONS:
         raise ConfigError([f"{where}.auth.kind: must be one of {', '.join(CREDENTIAL_OPTIONS)}"])
     problems = []
     allowed = CREDENTIAL_OPTIONS[kind]
@@ -160,7 +165,7 @@ def parse_auth_entry(raw: Any, environ: Mapping[str, str], where: str) -> EntraO
         if name == "client_secret" and not (value.startswith("${") and value.endswith("}")):
             problems.append(f"{where}.auth.client_secret: must be ${{VAR}}, not the secret itself")
             continue
-        expanded, missing = expand_variables(value, environ)
+        expanded, missing = expand(value)
         problems.extend(
             f"{where}.auth.{name}: ${{{variable}}} is not set in the environment"
             for variable in missing
@@ -215,33 +220,32 @@ def auth_from_settings(
     return EntraOptions(kind=kind)
 
 
-def make_credential(options: EntraOptions) -> AsyncTokenCredential:
+def make_credential(options: EntraOptions) -> AsyncSupportsTokenInfo:
     """A new azure-identity async credential for `options`.
 
     azure-core's own retries are off (retry_total=0): the token source retries
     with its own backoff, and a request waiting for a first token should fail
     over quickly rather than wait out several retries.
     """
-    no_retries = {"retry_total": 0}
     if options.kind == "managed_identity":
-        return identity.ManagedIdentityCredential(client_id=options.client_id, **no_retries)
+        return identity.ManagedIdentityCredential(client_id=options.client_id, retry_total=0)
     if options.kind == "workload_identity":
         return identity.WorkloadIdentityCredential(
-            client_id=options.client_id, tenant_id=options.tenant_id, **no_retries
+            client_id=options.client_id, tenant_id=options.tenant_id, retry_total=0
         )
     if options.kind == "client_secret":
         if options.client_id is None or options.tenant_id is None or options.client_secret is None:
             raise ValueError("client_secret needs client_id, tenant_id and client_secret")
         return identity.ClientSecretCredential(
-            options.tenant_id, options.client_id, options.client_secret.reveal(), **no_retries
+            options.tenant_id, options.client_id, options.client_secret.reveal(), retry_total=0
         )
     if options.kind == "azure_cli":
         return identity.AzureCliCredential(tenant_id=options.tenant_id or "")
     if options.client_id:
         return identity.DefaultAzureCredential(
-            managed_identity_client_id=options.client_id, **no_retries
+            managed_identity_client_id=options.client_id, retry_total=0
         )
-    return identity.DefaultAzureCredential(**no_retries)
+    return identity.DefaultAzureCredential(retry_total=0)
 
 
 # --- the auth objects --------------------------------------------------------------
@@ -364,7 +368,7 @@ class TokenSource:
         self,
         options: EntraOptions,
         *,
-        new_credential: Callable[[EntraOptions], AsyncTokenCredential] = make_credential,
+        new_credential: Callable[[EntraOptions], AsyncSupportsTokenInfo] = make_credential,
         scope: str = COGNITIVE_SERVICES_SCOPE,
         on_acquired: Callable[[str], None] | None = None,
         on_failed: Callable[[str], None] | None = None,
@@ -481,7 +485,7 @@ class TokenSource:
         self._changed.set()
         return token
 
-    async def _ask(self) -> Any:
+    async def _ask(self) -> AccessTokenInfo:
         return await asyncio.wait_for(
             self._credential.get_token_info(self.scope), self._acquisition_timeout
         )

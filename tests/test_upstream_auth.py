@@ -19,7 +19,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from emulator import AzureEmulator, Fault
 from emulator.azure import PERMISSION_DENIED, TOKEN_REFUSED
-from gateway.deployments import schema_problems
+from gateway.deployments import expand_variables, schema_problems
 from gateway.errors import ConfigError, GatewayError, map_upstream_status
 from gateway.secret import Secret
 from gateway.upstream_auth import (
@@ -383,13 +383,20 @@ def test_the_deployments_schema_takes_auth_instead_of_key():
 
 def test_parse_auth_entry_gives_the_identity_and_names_every_problem():
     environ = {"SP_SECRET": "s3cr3t", "MI_CLIENT": "abc"}
+
+    def from_env(raw: str) -> tuple[str, list[str]]:
+        return expand_variables(raw, environ)
+
+    def from_nothing(raw: str) -> tuple[str, list[str]]:
+        return expand_variables(raw, {})
+
     where = "DEPLOYMENTS_FILE deployments[0] (east)"
-    assert parse_auth_entry("entra", environ, where) == EntraOptions()
+    assert parse_auth_entry("entra", from_env, where) == EntraOptions()
     assert parse_auth_entry(
-        {"kind": "managed_identity", "client_id": "${MI_CLIENT}"}, environ, where
+        {"kind": "managed_identity", "client_id": "${MI_CLIENT}"}, from_env, where
     ) == (EntraOptions(kind="managed_identity", client_id="abc"))
     secret_entry = {"kind": "client_secret", "tenant_id": "t", "client_id": "c"}
-    principal = parse_auth_entry({**secret_entry, "client_secret": "${SP_SECRET}"}, environ, where)
+    principal = parse_auth_entry({**secret_entry, "client_secret": "${SP_SECRET}"}, from_env, where)
     assert principal.client_secret == Secret("s3cr3t")
     assert "s3cr3t" not in repr(principal) and "s3cr3t" not in principal.description
     assert principal.description == "entra: service principal (client_id c, tenant t)"
@@ -398,7 +405,7 @@ def test_parse_auth_entry_gives_the_identity_and_names_every_problem():
     with pytest.raises(ConfigError) as raised:
         parse_auth_entry(
             {"kind": "client_secret", "client_id": "c", "client_secret": "${UNSET}", "scope": "x"},
-            {},
+            from_nothing,
             where,
         )
     assert raised.value.problems == [
@@ -409,13 +416,13 @@ def test_parse_auth_entry_gives_the_identity_and_names_every_problem():
     ]
     with pytest.raises(ConfigError) as raised:
         parse_auth_entry({"kind": "client_secret", "tenant_id": "t", "client_id": "c",
-                          "client_secret": "s3cr3t"}, {}, where)  # fmt: skip
+                          "client_secret": "s3cr3t"}, from_nothing, where)  # fmt: skip
     assert raised.value.problems == [
         f"{where}.auth.client_secret: must be ${{VAR}}, not the secret itself"
     ]
     assert "s3cr3t" not in str(raised.value)
     with pytest.raises(ConfigError):
-        parse_auth_entry({"kind": "imds"}, {}, where)
+        parse_auth_entry({"kind": "imds"}, from_nothing, where)
 
 
 @pytest.mark.gen_test

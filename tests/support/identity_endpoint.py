@@ -68,7 +68,6 @@ class _TokenHandler(RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(body))
-        endpoint._answered.set()
 
 
 class IdentityEndpoint:
@@ -81,7 +80,6 @@ class IdentityEndpoint:
         self.header = secrets.token_hex(16)
         self.requests: list[TokenRequest] = []
         self._issued: dict[str, float] = {}
-        self._answered = asyncio.Event()
         self._server: HTTPServer | None = None
         self._port: int | None = None
 
@@ -125,11 +123,6 @@ class IdentityEndpoint:
     def expire_all(self) -> None:
         """Make every token issued so far invalid, as a revocation would."""
         self._issued.clear()
-
-    async def next_answer(self, timeout: float = 10.0) -> None:
-        """Wait until the endpoint answers its next request."""
-        self._answered.clear()
-        await asyncio.wait_for(self._answered.wait(), timeout)
 
     async def start(self) -> None:
         """Listen on an ephemeral port, or on the port it had before going down."""
