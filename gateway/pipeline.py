@@ -2,7 +2,7 @@
 
 `Pipeline.run(face, inbound, record)`:
 
-1. authenticate the caller's key;
+1. authenticate the caller: a key, or an OIDC token (gateway/policy/callers.py);
 2. read the body as JSON, check it against the face's schema, and build the
    upstream body and the model it asks for;
 3. pick the candidate deployments (those serving the model that the key may use);
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -33,15 +34,19 @@ from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
 from gateway.ops.metrics import Metrics
+from gateway.policy.callers import Callers
 from gateway.policy.deployments import Deployment
 from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.quota import ANONYMOUS, QuotaStore
+from gateway.upstream.auth import TokenSources
 from gateway.upstream.client import UpstreamCall, UpstreamClient, UpstreamResponse, UpstreamStream
 from gateway.validation import BodyValidator
 
 # Upstream response headers worth passing to the caller.
 RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
+log = logging.getLogger(__name__)
+
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -187,6 +192,8 @@ class Pipeline:
         keyring: KeyRing,
         quota: QuotaStore,
         metrics: Metrics,
+        callers: Callers | None = None,
+        credentials: TokenSources | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
@@ -196,12 +203,43 @@ class Pipeline:
         self.keyring = keyring
         self.quota = quota
         self.metrics = metrics
+        self.callers = callers or Callers(keyring)
+        self.credentials = credentials or TokenSources()
         self.in_flight = InFlight()
+
+    def start(self) -> None:
+        """Begin the background work: Entra tokens for the deployments, the OIDC issuer's keys.
+
+        Logs which credential each deployment uses.
+        """
+        for deployment in self.pool.deployments:
+            auth = self.upstream.auth_of(deployment)
+            log.info("deployment %s authenticates with %s", deployment.name, auth.description)
+        self.credentials.start()
+        self.callers.start()
+
+    def waiting_for(self) -> list[str]:
+        """What the gateway still lacks to serve (nothing once ready), for /readyz."""
+        missing = [
+            f"an Entra ID token for {deployment.name}"
+            for deployment in self.pool.deployments
+            if not self.upstream.auth_of(deployment).ready
+        ]
+        if not self.callers.ready:
+            missing.append("the OIDC issuer's signing keys")
+        return missing
+
+    async def close(self) -> None:
+        """Close the upstream connections, the credentials and the quota store."""
+        self.upstream.close()
+        await self.credentials.close()
+        await self.callers.close()
+        await self.quota.close()
 
     async def run(self, face: Face, inbound: Inbound, record: RequestRecord) -> Answer:
         """Serve one request; a failure is raised as GatewayError, for the face to render."""
         try:
-            record.caller = self.keyring.authenticate(inbound.headers)
+            record.caller = await self.callers.authenticate(inbound.headers)
             request = read_json_body(inbound, self.settings.max_body_size)
             face.check_query(inbound.query)
             self.validators[face.schema].validate(request)

@@ -114,8 +114,8 @@ class ModelsHandler(BaseHandler):
     route = "models"
     face = OPENAI_CHAT
 
-    def get(self) -> None:
-        caller = self.pipeline.keyring.authenticate(self.request.headers)
+    async def get(self) -> None:
+        caller = await self.pipeline.callers.authenticate(self.request.headers)
         allowed = caller.models if caller else None
         self.write_json(
             {

@@ -13,10 +13,14 @@ from gateway.faces import AZURE_CHAT, FACES, GPT_CHAT, OPENAI_CHAT
 from gateway.ops.accesslog import write_access_log
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.policy.callers import Callers
+from gateway.policy.deployments import Deployment
 from gateway.policy.failover import DeploymentPool, Failover
 from gateway.policy.keys import KeyRing
+from gateway.policy.oidc import OidcIdentities, OidcIdentity, OidcVerifier
 from gateway.policy.quota import MemoryQuota, QuotaStore, RedisQuota
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.auth import TokenSources, UpstreamAuth
+from gateway.upstream.client import UpstreamClient, api_key_auth
 from gateway.validation import BodyValidator, load_registry
 
 from .api import ApiHandler, ModelsHandler
@@ -24,6 +28,9 @@ from .base import BaseHandler, NotFoundHandler
 from .listeners import JsonOnlyGzip
 from .ops import HealthHandler, MetricsHandler, ReadyHandler, UsageHandler
 from .status import StatusHandler
+
+# The longest read of an OIDC issuer's discovery document or JWKS.
+OIDC_FETCH_TIMEOUT = 10.0
 
 
 def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time) -> Pipeline:
@@ -41,17 +48,50 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
     else:
         quota = MemoryQuota(clock=clock)
     pool = DeploymentPool(settings.deployments)
+    credentials = TokenSources(
+        on_acquired=metrics.count_token_acquired, on_failed=metrics.count_token_failed
+    )
+    upstream = UpstreamClient(settings, lambda deployment: deployment_auth(deployment, credentials))
+    keyring = KeyRing(settings.caller_keys)
     return Pipeline(
         settings=settings,
-        upstream=UpstreamClient(settings),
+        upstream=upstream,
         failover=Failover(
             pool, max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait
         ),
         validators={face.schema: BodyValidator(face.schema, registry) for face in FACES},
-        keyring=KeyRing(settings.caller_keys),
+        keyring=keyring,
         quota=quota,
         metrics=metrics,
+        callers=build_callers(settings, keyring, upstream, metrics),
+        credentials=credentials,
     )
+
+
+def deployment_auth(deployment: Deployment, credentials: TokenSources) -> UpstreamAuth:
+    """The deployment's Entra identity's token, shared with others of that identity, or its key."""
+    if deployment.entra is not None:
+        return credentials.auth(deployment.entra)
+    return api_key_auth(deployment)
+
+
+def build_callers(
+    settings: Settings, keyring: KeyRing, upstream: UpstreamClient, metrics: Metrics
+) -> Callers:
+    """The caller check: the keys, and callers' OIDC tokens when AUTH_OIDC_ISSUER is set."""
+    if settings.auth_oidc_issuer is None or settings.auth_oidc_audience is None:
+        return Callers(keyring)
+    verifier = OidcVerifier(
+        settings.auth_oidc_issuer,
+        settings.auth_oidc_audience,
+        lambda url: upstream.get_json(url, OIDC_FETCH_TIMEOUT),
+        on_reject=metrics.count_jwt_rejection,
+    )
+    identities = OidcIdentities(
+        (OidcIdentity(key.name, key.oidc) for key in settings.caller_keys if key.oidc),
+        settings.auth_oidc_default_key,
+    )
+    return Callers(keyring, verifier, identities)
 
 
 def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> Application:

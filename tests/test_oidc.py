@@ -230,7 +230,17 @@ def test_keys_entries_may_name_an_identity_and_bad_ones_are_config_errors():
 
     with pytest.raises(ConfigError) as schema:
         keys_from_yaml([{"name": "x", "key": "k", "oidc": {"email": "a@b"}}], {})
-    assert schema.value.problems == ["DEPLOYMENTS_FILE keys[0] (x).oidc: is not valid"]
+    assert schema.value.problems == [
+        "DEPLOYMENTS_FILE keys[0] (x).oidc: must be a mapping of azp, appid, oid or sub"
+        " to non-empty strings"
+    ]
+    with pytest.raises(ConfigError) as neither:
+        keys_from_yaml([{"name": "x"}], {})
+    assert neither.value.problems == [
+        "DEPLOYMENTS_FILE keys[0] (x): needs a key, or an oidc: identity, or both"
+    ]
+    (service,) = keys_from_yaml([{"name": "svc", "oidc": {"azp": "app-1"}, "rpm": 5}], {})
+    assert service.key is None and service.oidc == (("azp", "app-1"),) and service.rpm == 5
     with pytest.raises(ConfigError) as parsed:
         identities_from_keys(
             [

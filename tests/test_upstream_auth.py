@@ -445,7 +445,7 @@ def test_the_single_deployment_rule():
     )
     assert auth_from_settings("azure_cli", None, "abc") == EntraOptions("azure_cli")
     for azure_auth, key, problem in (
-        ("", None, "KEY: is required (or set AZURE_AUTH=entra to use Entra ID)"),
+        ("", None, "KEY: is required (or set DEPLOYMENTS_FILE, or AZURE_AUTH=entra for Entra ID)"),
         (
             "entra",
             Secret("k"),

@@ -150,6 +150,19 @@ class Metrics:
             "Failed calls to the Redis quota store.",
             registry=registry,
         )
+        self.entra_tokens_total = Counter(
+            "gateway_entra_tokens_total",
+            "Entra ID token acquisitions for Azure OpenAI, by credential and outcome "
+            "(acquired, failed).",
+            ["credential", "outcome"],
+            registry=registry,
+        )
+        self.jwt_rejections_total = Counter(
+            "gateway_jwt_rejections_total",
+            "Callers' bearer tokens refused, by reason (gateway/policy/oidc.py REASONS).",
+            ["reason"],
+            registry=registry,
+        )
 
         self._requests = LabelledChildren(self.requests_total)
         self._durations = LabelledChildren(self.request_duration_seconds)
@@ -179,6 +192,15 @@ class Metrics:
     def count_quota_rejection(self, key: str, limit: str) -> None:
         """Count a request refused by `key`'s limit ("requests" or "tokens")."""
         self._quota_rejections(key, limit).inc()
+
+    def count_token_acquired(self, credential: str) -> None:
+        self.entra_tokens_total.labels(credential, "acquired").inc()
+
+    def count_token_failed(self, credential: str) -> None:
+        self.entra_tokens_total.labels(credential, "failed").inc()
+
+    def count_jwt_rejection(self, reason: str) -> None:
+        self.jwt_rejections_total.labels(reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its Content-Type.

@@ -200,7 +200,9 @@ def auth_from_settings(
     has_key = key is not None and bool(key.reveal())
     if value in ("", KEY_AUTH):
         if not has_key:
-            raise ConfigError(["KEY: is required (or set AZURE_AUTH=entra to use Entra ID)"])
+            raise ConfigError(
+                ["KEY: is required (or set DEPLOYMENTS_FILE, or AZURE_AUTH=entra for Entra ID)"]
+            )
         return None
     kind = "default" if value == ENTRA_SHORTHAND else value
     if kind not in CREDENTIAL_OPTIONS or kind == "client_secret":
