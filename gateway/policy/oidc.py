@@ -115,14 +115,14 @@ class OidcVerifier:
         fetch_json: FetchJson,
         *,
         on_reject: Callable[[str], None] | None = None,
-        refetch_interval: float = REFETCH_INTERVAL,
+        refetch_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
         self._fetch_json = fetch_json
         self._on_reject = on_reject or (lambda reason: None)
-        self._refetch_interval = refetch_interval
+        self._refetch_interval = REFETCH_INTERVAL if refetch_interval is None else refetch_interval
         self._clock = clock
         self._jwks_uri: str | None = None
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -189,6 +189,8 @@ class OidcVerifier:
         return claims
 
     async def _key(self, kid: str) -> jwt.PyJWK:
+        if kid not in self._keys and self._fetching is not None:
+            await asyncio.shield(self._fetching)  # the read in flight (start-up's) may bring it
         if kid not in self._keys:
             if (
                 self._fetched_at is None

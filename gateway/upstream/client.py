@@ -281,6 +281,9 @@ class UpstreamClient:
         self.streams.add(stream)
         try:
             await stream.start(request, self._fetch(request, call))
+        except GatewayError:
+            stream.release()  # its transfer is over; the call itself may be tried again
+            raise
         except BaseException:
             stream.close()
             raise
@@ -438,6 +441,10 @@ class UpstreamStream:
     def close(self) -> None:
         """Stop the transfer now (the caller went away or stopped reading)."""
         self.call.abort("client_gone")
+        self.release()
+
+    def release(self) -> None:
+        """Let go of a stream whose transfer is over, leaving its call as it is."""
         self._disarm_timer()
         self._client.stream_ended(self)
 
