@@ -470,6 +470,20 @@ async def test_a_rotated_signing_key_is_picked_up_without_a_restart(
     assert issuer.jwks_requests == 2
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_without_the_issuers_keys_readyz_is_503_and_tokens_wait_for_them(
+    oidc_gateway, issuer
+):
+    await issuer.stop()  # its port now refuses connections
+    gateway = oidc_gateway()
+    waiting = await gateway.get("/readyz")
+    assert waiting.code == 503
+    assert json.loads(waiting.body)["waiting_for"] == ["the OIDC issuer's signing keys"]
+    answer = await gateway.chat(issuer.sign())
+    assert answer.code == 503 and error_of(answer)["code"] == "oidc_unavailable"
+    assert (await gateway.chat(headers={"api-key": ALICE_KEY})).code == 200  # keys still work
+
+
 # --- configuration -----------------------------------------------------------------
 
 
