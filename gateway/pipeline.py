@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import Settings
 from gateway.encoding import compact_json
@@ -39,19 +39,46 @@ from gateway.policy.deployments import Deployment
 from gateway.policy.failover import Failover
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.quota import ANONYMOUS, QuotaStore
-from gateway.upstream.auth import TokenSources
-from gateway.upstream.client import UpstreamCall, UpstreamClient, UpstreamResponse, UpstreamStream
+from gateway.upstream.auth import TokenSources, UpstreamAuth
+from gateway.upstream.client import UpstreamCall, UpstreamResponse
 from gateway.validation import BodyValidator
 
 # Upstream response headers worth passing to the caller.
 RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
-log = logging.getLogger(__name__)
-
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+log = logging.getLogger(__name__)
+
+
+class EventStream(Protocol):
+    """Azure's events, pulled (gateway.upstream.client.UpstreamStream)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """What the pipeline asks of Azure (gateway.upstream.client.UpstreamClient)."""
+
+    async def complete(
+        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+    ) -> UpstreamResponse | None: ...
+
+    async def open_stream(
+        self, deployment: Deployment, operation: str, body: bytes, call: UpstreamCall
+    ) -> EventStream | None: ...
+
+    def auth_of(self, deployment: Deployment) -> UpstreamAuth: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -88,7 +115,7 @@ class RequestRecord:
         if self.call is not None:
             self.call.abort("client_gone")
 
-    def relay_upstream_headers(self, upstream: Mapping[str, str]) -> None:
+    def pass_on_headers(self, upstream: Mapping[str, str]) -> None:
         for name in RELAYED_HEADERS:
             if name in upstream:
                 self.headers[name] = upstream[name]
@@ -186,7 +213,7 @@ class Pipeline:
         self,
         *,
         settings: Settings,
-        upstream: UpstreamClient,
+        upstream: Upstream,
         failover: Failover,
         validators: Mapping[str, BodyValidator],
         keyring: KeyRing,
@@ -259,7 +286,7 @@ class Pipeline:
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
             if error.upstream_headers:
-                record.relay_upstream_headers(error.upstream_headers)
+                record.pass_on_headers(error.upstream_headers)
             raise
 
     def candidates(
@@ -338,7 +365,7 @@ class Pipeline:
         self, face: Face, response: UpstreamResponse, record: RequestRecord
     ) -> Answer:
         record.upstream_status = response.status
-        record.relay_upstream_headers(response.headers)
+        record.pass_on_headers(response.headers)
         record.usage = face.usage_in_answer(response.document)
         await self.account(record)
         return Answer(
@@ -379,13 +406,13 @@ class Pipeline:
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
-            record.relay_upstream_headers(stream.headers)
-            chunks = self._relay(face, stream, record, drop_usage_event=ask_usage)
+            record.pass_on_headers(stream.headers)
+            chunks = self._stream_chunks(face, stream, record, drop_usage_event=ask_usage)
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
 
-    async def _relay(
-        self, face: Face, stream: UpstreamStream, record: RequestRecord, *, drop_usage_event: bool
+    async def _stream_chunks(
+        self, face: Face, stream: EventStream, record: RequestRecord, *, drop_usage_event: bool
     ) -> AsyncIterator[bytes]:
         """Azure's events as they came, one chunk per step; the usage event we asked for
         left out; a failure after the start as the face's last error event."""
@@ -400,7 +427,9 @@ class Pipeline:
                             events = [kept for kept in events if kept is not event]
                         break
                 if events:
-                    yield events[0] if len(events) == 1 else b"".join(events)
+                    chunk = events[0] if len(events) == 1 else b"".join(events)
+                    events = []  # only the chunk is held while the caller takes it
+                    yield chunk
         except GatewayError as error:
             yield face.stream_error(error)
         finally:

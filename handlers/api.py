@@ -56,9 +56,9 @@ class ApiHandler(BodyReadingHandler):
         if answer.stream is None:
             self.finish(answer.body)
         else:
-            await self.relay(answer)
+            await self.write_stream(answer)
 
-    async def relay(self, answer: Answer) -> None:
+    async def write_stream(self, answer: Answer) -> None:
         """Write the stream as it is pulled; stop pulling when the caller goes away."""
         set_nodelay(self.request)
         async with aclosing(answer.stream) as chunks:  # type: ignore[type-var]

@@ -55,10 +55,15 @@ MAX_ERROR_BODY = 64 * 1024
 # caller's socket (one event is always held whole, however large).
 STREAM_BUFFER_LIMIT = 1024 * 1024
 # The most one read from a socket delivers (asyncio's and uvloop's read
-# buffers are 256 KiB): reading pauses this far below the limit, so the
-# read in progress when it pauses still fits.
+# buffers are 256 KiB).
 MAX_READ_SIZE = 256 * 1024
-PAUSE_AT = STREAM_BUFFER_LIMIT - MAX_READ_SIZE
+# The most events one step of the iteration hands out (at least one event).
+# They are held twice until written: joined into one chunk, then framed by
+# the HTTP layer.
+MAX_STEP_SIZE = 256 * 1024
+# Reading pauses at PAUSE_AT, so the read in progress and a step still fit
+# the limit; it resumes once the caller has taken the queue below RESUME_AT.
+PAUSE_AT = STREAM_BUFFER_LIMIT - MAX_READ_SIZE - MAX_STEP_SIZE
 RESUME_AT = PAUSE_AT // 2
 
 AnswerT = TypeVar("AnswerT")
@@ -343,8 +348,8 @@ class UpstreamStream:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for the caller: queued, and handed out but not yet written to its socket."""
-        return self._queued + self._lent
+        """Bytes held for the caller: queued, and handed out (twice) but not yet written."""
+        return self._queued + 2 * self._lent
 
     @property
     def headers(self) -> HTTPHeaders:
@@ -377,7 +382,7 @@ class UpstreamStream:
         self.done = is_done(events[-1])
         self._events.extend(events)
         self._queued += sum(map(len, events)) if len(events) > 1 else len(events[0])
-        if not self._paused and self._queued + self._lent >= PAUSE_AT and self._request:
+        if not self._paused and self.buffered >= PAUSE_AT and self._request:
             self._paused = True
             self._client.pause_reading(self._request)
         self._wake()
@@ -433,9 +438,19 @@ class UpstreamStream:
                     raise error
                 raise StopAsyncIteration
             await self._wait()
-        events, self._events = self._events, []
+        if self._queued <= MAX_STEP_SIZE:
+            events, self._events, size = self._events, [], self._queued
+        else:
+            size = count = 0
+            for event in self._events:
+                size += len(event)
+                count += 1
+                if size >= MAX_STEP_SIZE:
+                    break
+            events, self._events = self._events[:count], self._events[count:]
         self.started = True
-        self._lent, self._queued = self._queued, 0
+        self._queued -= size
+        self._lent = size
         return events
 
     def close(self) -> None:
