@@ -31,6 +31,7 @@ from gateway.errors import ConfigError
 from gateway.policy.deployments import Deployment, load_deployments, read_yaml
 from gateway.policy.keys import CallerKey, keys_from_api_keys, keys_from_yaml
 from gateway.secret import Secret
+from gateway.upstream.auth import auth_from_settings
 from gateway.upstream.httpclient import parse_proxy_url
 
 DEFAULT_ENV_FILE = ".env"
@@ -151,6 +152,12 @@ def _existing_dir(raw: str) -> str:
     return raw
 
 
+def _issuer(raw: str) -> str:
+    if not raw.startswith(("https://", "http://")):
+        raise ValueError("must be the issuer's URL (https://...), as its tokens' iss says")
+    return raw
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
@@ -245,11 +252,21 @@ SINGLE_DEPLOYMENT = (
     ),
     (Variable("KEY", Secret, "Azure key, sent as `api-key`"), "key"),
 )
+AZURE_AUTH = Variable(
+    "AZURE_AUTH",
+    str,
+    "`key` sends `KEY`; `entra` (the default chain), `managed_identity`, `workload_identity` "
+    "or `azure_cli` sends an Entra ID token instead, and `KEY` stays empty (see Keyless with "
+    "Entra ID)",
+    shown_default="`key`",
+)
 DEPLOYMENTS_FILE = Variable(
     "DEPLOYMENTS_FILE",
     str,
-    "YAML file of several deployments (and caller keys); replaces the four above",
+    "YAML file of several deployments (and caller keys); replaces the five above",
 )
+# Read by azure-identity itself; the single-deployment rule reads it too (a user-assigned identity).
+AZURE_CLIENT_ID = "AZURE_CLIENT_ID"
 API_KEYS = Variable(
     "API_KEYS", str, "comma-separated caller keys (named `key1`, `key2`, ...); none = open server"
 )
@@ -283,10 +300,24 @@ class Settings:
         "SSL_KEY", _existing_file, "PEM files, required with `ENABLE_SSL=true`"
     )
     deployments: tuple[Deployment, ...] = assembled(
-        *(variable for variable, _ in SINGLE_DEPLOYMENT), DEPLOYMENTS_FILE, default=()
+        *(variable for variable, _ in SINGLE_DEPLOYMENT), AZURE_AUTH, DEPLOYMENTS_FILE, default=()
     )
     parameter_defaults: Mapping[str, Any] = assembled(*PARAMETER_VARIABLES, default=_empty_mapping)
     caller_keys: tuple[CallerKey, ...] = assembled(API_KEYS, default=())
+    auth_oidc_issuer: str | None = setting(
+        "AUTH_OIDC_ISSUER",
+        _issuer,
+        "let callers send an OIDC bearer token (JWT) from this issuer instead of a key, e.g. "
+        "`https://login.microsoftonline.com/<tenant>/v2.0`; needs `AUTH_OIDC_AUDIENCE`",
+    )
+    auth_oidc_audience: str | None = setting(
+        "AUTH_OIDC_AUDIENCE", str, "the `aud` callers' tokens must carry, e.g. `api://<app id>`"
+    )
+    auth_oidc_default_key: str | None = setting(
+        "AUTH_OIDC_DEFAULT_KEY",
+        str,
+        "the `keys:` entry a valid token matching no entry's `oidc:` is served as; unset: 403",
+    )
     redis_url: Secret | None = setting(
         "REDIS_URL",
         _redis_url,
@@ -485,12 +516,25 @@ def load_settings(
         for variable, attribute in SINGLE_DEPLOYMENT:
             if variable.name in values:
                 cast(variable, single, attribute)
-            else:
+            elif attribute != "key":
                 problems.append(f"{variable.name}: is required (or set {DEPLOYMENTS_FILE.name})")
-        if len(single) == len(SINGLE_DEPLOYMENT):
-            deployments = (
-                Deployment(name=single["deployment"], models=(single["deployment"],), **single),
+        try:
+            entra = auth_from_settings(
+                values.get(AZURE_AUTH.name, ""), single.get("key"), values.get(AZURE_CLIENT_ID, "")
             )
+        except ConfigError as error:
+            problems.extend(error.problems)
+        else:
+            if len(single.keys() - {"key"}) == len(SINGLE_DEPLOYMENT) - 1:
+                single.setdefault("key", None)
+                deployments = (
+                    Deployment(
+                        name=single["deployment"],
+                        models=(single["deployment"],),
+                        entra=entra,
+                        **single,
+                    ),
+                )
 
     parameters: dict[str, Any] = {}
     for variable in PARAMETER_VARIABLES:
@@ -508,8 +552,10 @@ def load_settings(
         f"API_KEYS/DEPLOYMENTS_FILE keys: the name {name!r} is used twice"
         for name in sorted({n for n in names if names.count(n) > 1})
     )
-    if len({key.key for key in caller_keys}) < len(caller_keys):
+    keyed = [key.key for key in caller_keys if key.key is not None]
+    if len(set(keyed)) < len(keyed):
         problems.append("API_KEYS/DEPLOYMENTS_FILE keys: the same key is given twice")
+    problems.extend(oidc_problems(simple, caller_keys))
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -519,6 +565,31 @@ def load_settings(
         proxies=MappingProxyType(proxies),
         **simple,
     )
+
+
+def oidc_problems(simple: Mapping[str, Any], caller_keys: list[CallerKey]) -> list[str]:
+    """What makes the AUTH_OIDC_* settings unusable together, and with the keys."""
+    issuer, audience = simple.get("auth_oidc_issuer"), simple.get("auth_oidc_audience")
+    default = simple.get("auth_oidc_default_key")
+    problems = []
+    if issuer and not audience:
+        problems.append("AUTH_OIDC_AUDIENCE: is required when AUTH_OIDC_ISSUER is set")
+    if audience and not issuer:
+        problems.append("AUTH_OIDC_ISSUER: is required when AUTH_OIDC_AUDIENCE is set")
+    if default and not issuer:
+        problems.append("AUTH_OIDC_DEFAULT_KEY: needs AUTH_OIDC_ISSUER")
+    names = [key.name for key in caller_keys]
+    if default and default not in names:
+        problems.append(
+            f"AUTH_OIDC_DEFAULT_KEY: must name an entry of keys: in DEPLOYMENTS_FILE "
+            f"({default!r} is not one)"
+        )
+    if issuer and not default and not any(key.oidc for key in caller_keys):
+        problems.append(
+            "AUTH_OIDC_ISSUER: no keys: entry has oidc: and AUTH_OIDC_DEFAULT_KEY is unset, "
+            "so no token could be served"
+        )
+    return problems
 
 
 def read_proxies(values: Mapping[str, str], problems: list[str]) -> dict[str, Secret]:

@@ -210,6 +210,19 @@ def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) ->
     )
 
 
+def entra_refused(credential: str, refused: GatewayError) -> GatewayError:
+    """Azure refused a fresh Entra ID token too: the identity's access, not the token's age."""
+    return GatewayError(
+        502,
+        "upstream_configuration",
+        f"Azure OpenAI answered 401 to a new Entra ID token ({credential}): grant that identity "
+        "the role Cognitive Services OpenAI User on the resource. This is not a problem with "
+        "your request.",
+        upstream_status=refused.upstream_status,
+        upstream_headers=refused.upstream_headers,
+    )
+
+
 def map_transport_error(error: HTTPTransportError) -> GatewayError:
     """Turn a failure to talk to Azure at all (refused, reset, timed out) into 502/504."""
     if error.kind == HTTPTransportError.TIMEOUT:

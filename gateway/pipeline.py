@@ -2,7 +2,7 @@
 
 `Pipeline.run(face, inbound, record)`:
 
-1. authenticate the caller's key;
+1. authenticate the caller: a key, or an OIDC token (gateway/policy/callers.py);
 2. read the body as JSON (unless the face has none), check it against the
    face's schema, and build the upstream body and the model it asks for;
 3. pick the candidate deployments (those serving the model that the key may
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import ExitStack
@@ -44,6 +45,7 @@ from gateway.holders import NOT_HELD, Holders, response_not_found
 from gateway.ops.metrics import Metrics
 from gateway.policy.affinity import AffinityStore, MemoryAffinity
 from gateway.policy.budgets import TokenUsage, cost_usd
+from gateway.policy.callers import Callers
 from gateway.policy.deployments import Deployment
 from gateway.policy.estimate import Estimate, TokenEstimator
 from gateway.policy.failover import Failover
@@ -51,6 +53,7 @@ from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.limits import Charge
 from gateway.policy.quota import ANONYMOUS, QuotaStore, has_limits
 from gateway.responses import created_response
+from gateway.upstream.auth import TokenSources, UpstreamAuth
 from gateway.upstream.client import UpstreamCall, UpstreamResponse, UpstreamTarget
 from gateway.upstream.urls import names_model_in_body
 from gateway.validation import BodyValidator
@@ -69,6 +72,8 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+log = logging.getLogger(__name__)
 
 
 class EventStream(Protocol):
@@ -108,6 +113,8 @@ class Upstream(Protocol):
         *,
         ends_stream: Callable[[bytes], bool] = ...,
     ) -> EventStream | None: ...
+
+    def auth_of(self, deployment: Deployment) -> UpstreamAuth: ...
 
     def close(self) -> None: ...
 
@@ -281,6 +288,8 @@ class Pipeline:
         metrics: Metrics,
         estimator: TokenEstimator,
         affinity: AffinityStore | None = None,
+        callers: Callers | None = None,
+        credentials: TokenSources | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
@@ -294,12 +303,44 @@ class Pipeline:
         self.holders = Holders(self.pool, self.affinity, upstream, metrics)
         self.estimator = estimator
         self.board = failover.pool.board
+        self.callers = callers or Callers(keyring)
+        self.credentials = credentials or TokenSources()
         self.in_flight = InFlight()
+
+    def start(self) -> None:
+        """Begin the background work: Entra tokens for the deployments, the OIDC issuer's keys.
+
+        Logs which credential each deployment uses.
+        """
+        for deployment in self.pool.deployments:
+            auth = self.upstream.auth_of(deployment)
+            log.info("deployment %s authenticates with %s", deployment.name, auth.description)
+        self.credentials.start()
+        self.callers.start()
+
+    def waiting_for(self) -> list[str]:
+        """What the gateway still lacks to serve (nothing once ready), for /readyz."""
+        missing = [
+            f"an Entra ID token for {deployment.name}"
+            for deployment in self.pool.deployments
+            if not self.upstream.auth_of(deployment).ready
+        ]
+        if not self.callers.ready:
+            missing.append("the OIDC issuer's signing keys")
+        return missing
+
+    async def close(self) -> None:
+        """Close the upstream connections, the credentials, the quota and affinity stores."""
+        self.upstream.close()
+        await self.credentials.close()
+        await self.callers.close()
+        await self.quota.close()
+        await self.affinity.close()
 
     async def run(self, face: Face, inbound: Inbound, record: RequestRecord) -> Answer:
         """Serve one request; a failure is raised as GatewayError, for the face to render."""
         try:
-            record.caller = self.keyring.authenticate(inbound.headers)
+            record.caller = await self.callers.authenticate(inbound.headers)
             request: dict[str, Any] = {}
             if face.reads_body:
                 request = read_json_body(inbound, self.settings.max_body_size)

@@ -135,8 +135,8 @@ class ModelsHandler(BaseHandler):
     route = "models"
     face = OPENAI_CHAT
 
-    def get(self, model: str | None = None) -> None:
-        caller = self.pipeline.keyring.authenticate(self.request.headers)
+    async def get(self, model: str | None = None) -> None:
+        caller = await self.pipeline.callers.authenticate(self.request.headers)
         visible = self.pipeline.visible_models(caller)
         if model is None:
             self.write_json({"object": "list", "data": [model_object(name) for name in visible]})

@@ -16,11 +16,15 @@ from gateway.ops.deployment_metrics import DeploymentCapacityCollector
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.policy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
+from gateway.policy.callers import Callers
+from gateway.policy.deployments import Deployment
 from gateway.policy.estimate import TokenEstimator, load_cached_encodings
 from gateway.policy.failover import DeploymentPool, Failover
 from gateway.policy.keys import KeyRing
+from gateway.policy.oidc import OidcIdentities, OidcIdentity, OidcVerifier
 from gateway.policy.quota import MemoryQuota, QuotaStore, RedisQuota
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.auth import TokenSources, UpstreamAuth
+from gateway.upstream.client import UpstreamClient, api_key_auth
 from gateway.validation import BodyValidator, load_registry
 
 from .api import ApiHandler, ModelsHandler
@@ -28,6 +32,9 @@ from .base import BaseHandler, NotFoundHandler
 from .listeners import JsonOnlyGzip
 from .ops import HealthHandler, MetricsHandler, ReadyHandler, UsageHandler
 from .status import StatusHandler
+
+# The longest read of an OIDC issuer's discovery document or JWKS.
+OIDC_FETCH_TIMEOUT = 10.0
 
 
 def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time) -> Pipeline:
@@ -63,21 +70,54 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
     encodings = (
         load_cached_encodings(settings.tiktoken_cache_dir) if settings.tiktoken_cache_dir else {}
     )
+    credentials = TokenSources(
+        on_acquired=metrics.count_token_acquired, on_failed=metrics.count_token_failed
+    )
+    upstream = UpstreamClient(settings, lambda deployment: deployment_auth(deployment, credentials))
+    keyring = KeyRing(settings.caller_keys)
     return Pipeline(
         settings=settings,
-        upstream=UpstreamClient(settings),
+        upstream=upstream,
         failover=Failover(
             pool, max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait
         ),
         validators={face.schema: BodyValidator(face.schema, registry) for face in FACES},
-        keyring=KeyRing(settings.caller_keys),
+        keyring=keyring,
         quota=quota,
         metrics=metrics,
         affinity=affinity,
         estimator=TokenEstimator(
             encodings, default_completion_tokens=settings.default_completion_tokens
         ),
+        callers=build_callers(settings, keyring, upstream, metrics),
+        credentials=credentials,
     )
+
+
+def deployment_auth(deployment: Deployment, credentials: TokenSources) -> UpstreamAuth:
+    """The deployment's Entra identity's token, shared with others of that identity, or its key."""
+    if deployment.entra is not None:
+        return credentials.auth(deployment.entra)
+    return api_key_auth(deployment)
+
+
+def build_callers(
+    settings: Settings, keyring: KeyRing, upstream: UpstreamClient, metrics: Metrics
+) -> Callers:
+    """The caller check: the keys, and callers' OIDC tokens when AUTH_OIDC_ISSUER is set."""
+    if settings.auth_oidc_issuer is None or settings.auth_oidc_audience is None:
+        return Callers(keyring)
+    verifier = OidcVerifier(
+        settings.auth_oidc_issuer,
+        settings.auth_oidc_audience,
+        lambda url: upstream.get_json(url, OIDC_FETCH_TIMEOUT),
+        on_reject=metrics.count_jwt_rejection,
+    )
+    identities = OidcIdentities(
+        (OidcIdentity(key.name, key.oidc) for key in settings.caller_keys if key.oidc),
+        settings.auth_oidc_default_key,
+    )
+    return Callers(keyring, verifier, identities)
 
 
 RESPONSE = r"/responses/([^/]+)"

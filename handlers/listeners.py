@@ -84,6 +84,7 @@ class GatewayServer:
         self.ports[scheme] = sockets[0].getsockname()[1]
 
     def start(self) -> None:
+        self.pipeline.start()
         self._listen("http", self.settings.http_port, None)
         if self.settings.enable_ssl:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -157,6 +158,4 @@ class GatewayServer:
             log.warning("drain timeout: closing %d request(s) still in flight", in_flight.count)
         for server in self.servers:
             await server.close_all_connections()
-        self.pipeline.upstream.close()
-        await self.pipeline.quota.close()
-        await self.pipeline.affinity.close()
+        await self.pipeline.close()

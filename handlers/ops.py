@@ -21,14 +21,19 @@ class HealthHandler(BaseHandler):
 
 class ReadyHandler(BaseHandler):
     """GET /readyz: configuration loaded and not draining; 503 once shutdown has begun,
-    so a load balancer stops sending before the listener closes."""
+    so a load balancer stops sending before the listener closes, and 503 while an Entra
+    deployment has no token yet or the OIDC issuer's keys are unread."""
 
     route = "readyz"
 
     def get(self) -> None:
+        waiting_for = self.pipeline.waiting_for()
         if self.pipeline.in_flight.draining:
             self.set_status(503)
             self.write_json({"status": "draining"})
+        elif waiting_for:
+            self.set_status(503)
+            self.write_json({"status": "starting", "waiting_for": waiting_for})
         else:
             self.write_json({"status": "ready"})
 
@@ -63,7 +68,7 @@ class UsageHandler(BaseHandler):
     route = "usage"
 
     async def get(self) -> None:
-        caller = self.pipeline.keyring.authenticate(self.request.headers)
+        caller = await self.pipeline.callers.authenticate(self.request.headers)
         if caller is not None and not caller.admin:
             raise GatewayError(
                 403, "admin_required", f"The key {caller.name!r} is not an admin key."

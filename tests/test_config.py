@@ -114,7 +114,7 @@ def test_missing_required_values_are_each_named(tmp_path):
         "ENDPOINT: is required (or set DEPLOYMENTS_FILE)",
         "DEPLOYMENT_NAME: is required (or set DEPLOYMENTS_FILE)",
         "API_VERSION: is required (or set DEPLOYMENTS_FILE)",
-        "KEY: is required (or set DEPLOYMENTS_FILE)",
+        "KEY: is required (or set DEPLOYMENTS_FILE, or AZURE_AUTH=entra for Entra ID)",
     ]
 
 

@@ -275,7 +275,7 @@ def test_unknown_field_missing_key_and_duplicate_name(tmp_path):
         "DEPLOYMENTS_FILE deployments[0] (east): has unknown field 'wieght' (check the spelling)"
         in found
     )
-    assert "DEPLOYMENTS_FILE deployments[1] (west): is missing the required field 'key'" in found
+    assert "DEPLOYMENTS_FILE deployments[1] (west): needs one of the fields 'key', 'auth'" in found
     duplicate = problems(tmp_path, GOOD.replace("name: west", "name: east"), EAST_KEY="x")
     assert duplicate == ["DEPLOYMENTS_FILE deployments[1] (east).name: duplicate name 'east'"]
 

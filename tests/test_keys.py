@@ -136,7 +136,7 @@ keys:
             "DEPLOYMENTS_FILE keys[2].name: is required",
             "DEPLOYMENTS_FILE keys[2].rmp: is not a known field "
             "(allowed: name, key, rpm, tpm, tokens_per_day, tokens_per_month, usd_per_month, "
-            "models, admin)",
+            "models, admin, oidc)",
             "DEPLOYMENTS_FILE keys[3].name: must be a non-empty string",
             "DEPLOYMENTS_FILE keys[3].key: must be a non-empty string (the key, or ${VAR})",
             "DEPLOYMENTS_FILE keys[4]: must be a mapping with at least name and key",

@@ -163,6 +163,19 @@ class Metrics:
             "Failed calls to Redis (the quota store and the response affinity store).",
             registry=registry,
         )
+        self.entra_tokens_total = Counter(
+            "gateway_entra_tokens_total",
+            "Entra ID token acquisitions for Azure OpenAI, by credential and outcome "
+            "(acquired, failed).",
+            ["credential", "outcome"],
+            registry=registry,
+        )
+        self.jwt_rejections_total = Counter(
+            "gateway_jwt_rejections_total",
+            "Callers' bearer tokens refused, by reason (gateway/policy/oidc.py REASONS).",
+            ["reason"],
+            registry=registry,
+        )
 
         self._requests = LabelledChildren(self.requests_total)
         self._durations = LabelledChildren(self.request_duration_seconds)
@@ -209,6 +222,15 @@ class Metrics:
         """Expose `collector` too: this process's values, in multiprocess mode as well."""
         self._collectors.append(collector)
         self.registry.register(collector)
+
+    def count_token_acquired(self, credential: str) -> None:
+        self.entra_tokens_total.labels(credential, "acquired").inc()
+
+    def count_token_failed(self, credential: str) -> None:
+        self.entra_tokens_total.labels(credential, "failed").inc()
+
+    def count_jwt_rejection(self, reason: str) -> None:
+        self.jwt_rejections_total.labels(reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its Content-Type.

@@ -19,6 +19,7 @@ from gateway.errors import ConfigError
 from gateway.policy.budgets import Price
 from gateway.policy.capacity import DEFAULT_PRIORITY
 from gateway.secret import Secret
+from gateway.upstream.auth import EntraOptions, parse_auth_entry
 from gateway.validation import compile_validator, describe, field_path, load_registry
 
 SOURCE = "DEPLOYMENTS_FILE"
@@ -26,18 +27,23 @@ SOURCE = "DEPLOYMENTS_FILE"
 
 @dataclass(frozen=True)
 class Deployment:
-    """One Azure OpenAI deployment the gateway sends requests to."""
+    """One Azure OpenAI deployment the gateway sends requests to.
+
+    It authenticates with its `key` (the `api-key` header) or, when `entra`
+    names an identity, with that identity's Entra ID token; never both.
+    """
 
     name: str
     endpoint: str
     deployment: str
     api_version: str
-    key: Secret
+    key: Secret | None
     weight: float = 1.0
     models: tuple[str, ...] = ()
     # Requests go to the lowest priority with capacity (gateway/policy/capacity.py).
     priority: int = DEFAULT_PRIORITY
     price: Price | None = None  # US dollars per million tokens; None costs nothing
+    entra: EntraOptions | None = None
 
     @cached_property
     def names(self) -> tuple[str, ...]:
@@ -129,12 +135,22 @@ def load_deployments(document: Any, environ: Mapping[str, str]) -> tuple[Deploym
         seen.add(entry["name"])
         fields = {}
         for field in ("key", "endpoint"):
+            if field not in entry:
+                continue
             fields[field], missing = expand_variables(entry[field], environ)
             problems.extend(
                 f"{label}.{field}: ${{{variable}}} is not set in the environment"
                 for variable in missing
             )
-        key, endpoint = fields["key"], fields["endpoint"]
+        endpoint = fields["endpoint"]
+        entra = None
+        if "auth" in entry:
+            try:
+                entra = parse_auth_entry(
+                    entry["auth"], lambda raw: expand_variables(raw, environ), label
+                )
+            except ConfigError as error:
+                problems.extend(error.problems)
         if endpoint and not endpoint.startswith(("https://", "http://")):
             problems.append(f"{label}.endpoint: must be a URL starting with https:// (or http://)")
         deployments.append(
@@ -143,11 +159,12 @@ def load_deployments(document: Any, environ: Mapping[str, str]) -> tuple[Deploym
                 endpoint=endpoint.rstrip("/"),
                 deployment=entry["deployment"],
                 api_version=str(entry["api_version"]),
-                key=Secret(key),
+                key=Secret(fields["key"]) if "key" in fields else None,
                 weight=float(entry.get("weight", 1)),
                 models=tuple(entry.get("models") or (entry["deployment"],)),
                 priority=int(entry.get("priority", DEFAULT_PRIORITY)),
                 price=Price.from_config(entry["price"]) if "price" in entry else None,
+                entra=entra,
             )
         )
     if problems:

@@ -4,6 +4,8 @@ Keys come from `API_KEYS` (comma-separated, named key1, key2, ... in order)
 or from the `keys:` section of a YAML file, whose entries may also carry
 per-key limits (`rpm`, `tpm`), budgets (`tokens_per_day`, `tokens_per_month`,
 `usd_per_month`: gateway/policy/budgets.py), the models a key may use and an `admin` flag.
+An entry may also (or instead of a key) name the OIDC identity it stands for
+(`oidc:`, gateway/policy/oidc.py), so a caller's bearer token gets its limits.
 With no key configured the gateway stays open, as the original service was.
 
 A key's value is a `Secret`: only its name and its `fingerprint` (a short
@@ -27,6 +29,7 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.policy.budgets import Budget
 from gateway.policy.deployments import entry_label, expand_variables
 from gateway.policy.limits import KeyLimits
+from gateway.policy.oidc import identities_from_keys
 from gateway.secret import Secret
 from gateway.validation import compile_validator, load_registry
 
@@ -45,6 +48,7 @@ _FIELD_RULES = {
     "usd_per_month": "must be a number > 0",
     "models": "must be a non-empty list of model names",
     "admin": "must be true or false",
+    "oidc": "must be a mapping of azp, appid, oid or sub to non-empty strings",
 }
 
 
@@ -53,7 +57,7 @@ class CallerKey:
     """One key callers may present, its name and what it may do."""
 
     name: str
-    key: Secret
+    key: Secret | None  # None: an entry callers reach only with an OIDC token (`oidc`)
     rpm: int | None = None
     tpm: int | None = None
     models: tuple[str, ...] | None = None
@@ -61,6 +65,7 @@ class CallerKey:
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
     usd_per_month: float | None = None
+    oidc: tuple[tuple[str, str], ...] = ()  # the token claims this entry stands for
 
     @cached_property
     def limits(self) -> KeyLimits:
@@ -73,6 +78,8 @@ class CallerKey:
     @property
     def fingerprint(self) -> str:
         """The first 12 hex digits of the key's sha256: the only form of it that is logged."""
+        if self.key is None:
+            return ""
         return _digest(self.key.reveal()).hex()[:FINGERPRINT_LENGTH]
 
 
@@ -157,12 +164,20 @@ def keys_from_yaml(
             )
         keyed_at.setdefault(value, where)
 
+    identities: dict[str, tuple[tuple[str, str], ...]] = {}
+    if not problems:
+        try:
+            found = identities_from_keys(entries, source=source)
+        except ConfigError as error:
+            problems.extend(error.problems)
+        else:
+            identities = {identity.name: identity.claims for identity in found}
     if problems:
         raise ConfigError(problems)
     return [
         CallerKey(
             name=entry["name"],
-            key=Secret(value),
+            key=Secret(value) if value else None,
             rpm=int(entry["rpm"]) if "rpm" in entry else None,
             tpm=int(entry["tpm"]) if "tpm" in entry else None,
             models=tuple(entry["models"]) if "models" in entry else None,
@@ -170,6 +185,7 @@ def keys_from_yaml(
             tokens_per_day=entry.get("tokens_per_day"),
             tokens_per_month=entry.get("tokens_per_month"),
             usd_per_month=None if "usd_per_month" not in entry else float(entry["usd_per_month"]),
+            oidc=identities.get(entry["name"], ()),
         )
         for entry, value in zip(entries, values, strict=True)
     ]
@@ -196,6 +212,8 @@ def _schema_problem(error: ValidationError, entries: Any) -> str:
             else f"{where}: {', '.join(unknown)} are not known fields "
             f"(allowed: {', '.join(allowed)})"
         )
+    if error.validator == "anyOf":
+        return f"{where}: needs a key, or an oidc: identity, or both"
     return f"{where}: must be a mapping with at least name and key"
 
 
@@ -220,7 +238,9 @@ class KeyRing:
         self.keys = tuple(keys)
         # Digests, not keys: every comparison is between two 32-byte values,
         # so its time does not depend on the presented key's length.
-        self._digests = tuple((_digest(key.key.reveal()), key) for key in self.keys)
+        self._digests = tuple(
+            (_digest(key.key.reveal()), key) for key in self.keys if key.key is not None
+        )
         if len({digest for digest, _ in self._digests}) != len(self._digests):
             raise ValueError("two caller keys have the same value")
         if len({key.name for key in self.keys}) != len(self.keys):
@@ -261,6 +281,10 @@ class KeyRing:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         return found
+
+    def named(self, name: str) -> CallerKey:
+        """The entry called `name` (an OIDC token resolved to it)."""
+        return next(key for key in self.keys if key.name == name)
 
     def check_model(self, key: CallerKey | None, model_names: Iterable[str]) -> None:
         """Raise a 403 when `key` is limited to some models and none of `model_names` is one."""

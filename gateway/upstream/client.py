@@ -3,8 +3,9 @@
 Requests go through `KeepAliveHTTPClient` (gateway/upstream/httpclient/), an
 `AsyncHTTPClient` that keeps connections to Azure alive and drops one at
 once when asked. URLs come from gateway/upstream/urls.py, the headers that
-authenticate a deployment from its `UpstreamAuth`, and what a failure means
-from gateway/errors.py.
+authenticate a deployment from its `UpstreamAuth` (gateway/upstream/auth.py:
+an api-key, or an Entra ID token asked for again after a 401), and what a
+failure means from gateway/errors.py.
 
 A stream is pulled: `UpstreamStream` is an async iterator of the events that
 arrived since the last pull. The client's `streaming_callback` feeds a
@@ -22,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders, parse_response_start_line
@@ -32,13 +33,14 @@ from tornado.httputil import HTTPHeaders, parse_response_start_line
 from gateway.config import Settings
 from gateway.errors import (
     GatewayError,
+    entra_refused,
     invalid_success_body,
     map_transport_error,
     map_upstream_status,
     stream_failure,
 )
 from gateway.policy.deployments import Deployment
-from gateway.secret import Secret
+from gateway.upstream.auth import ApiKeyAuth, UpstreamAuth
 from gateway.upstream.httpclient import HTTPTransportError, KeepAliveHTTPClient, parse_header_lines
 from gateway.upstream.sse import EventFramer, is_done
 from gateway.upstream.urls import upstream_url
@@ -64,21 +66,7 @@ MAX_STEP_SIZE = 256 * 1024
 PAUSE_AT = STREAM_BUFFER_LIMIT - MAX_READ_SIZE - MAX_STEP_SIZE
 RESUME_AT = PAUSE_AT // 2
 
-
-class UpstreamAuth(Protocol):
-    """What authenticates requests to one deployment; asked again for every attempt."""
-
-    async def headers(self) -> Mapping[str, str]: ...
-
-
-class ApiKeyAuth:
-    """The deployment's key in Azure's `api-key` header."""
-
-    def __init__(self, key: Secret) -> None:
-        self._key = key
-
-    async def headers(self) -> Mapping[str, str]:
-        return {"api-key": self._key.reveal()}
+AnswerT = TypeVar("AnswerT")
 
 
 class UpstreamCall:
@@ -124,15 +112,19 @@ class UpstreamResponse:
     document: dict[str, Any]  # the body, parsed
 
 
+def api_key_auth(deployment: Deployment) -> UpstreamAuth:
+    if deployment.key is None:
+        raise ValueError(f"deployment {deployment.name} has no key; give it an Entra auth")
+    return ApiKeyAuth(deployment.key)
+
+
 class UpstreamClient:
     """Sends requests to Azure deployments over pooled connections."""
 
     def __init__(
         self,
         settings: Settings,
-        auth_for: Callable[[Deployment], UpstreamAuth] = lambda deployment: ApiKeyAuth(
-            deployment.key
-        ),
+        auth_for: Callable[[Deployment], UpstreamAuth] = api_key_auth,
     ) -> None:
         self._settings = settings
         self._auth_for = auth_for
@@ -148,26 +140,71 @@ class UpstreamClient:
     def close(self) -> None:
         self._http.close()
 
+    def auth_of(self, deployment: Deployment) -> UpstreamAuth:
+        """The deployment's credentials, made on first use and kept."""
+        auth = self._auth.get(deployment.name)
+        if auth is None:
+            auth = self._auth[deployment.name] = self._auth_for(deployment)
+        return auth
+
+    async def get_json(self, url: str, timeout: float) -> Any:
+        """GET a JSON document (an OIDC issuer's) through the same connections and proxies."""
+        response = await self._http.fetch(
+            HTTPRequest(
+                url,
+                user_agent=USER_AGENT,
+                connect_timeout=self._settings.connect_timeout,
+                request_timeout=timeout,
+            ),
+            raise_error=False,
+        )
+        if response.code != 200:
+            raise ValueError(f"{url} answered {response.code}")
+        return json.loads(response.body)
+
+    async def _signed(
+        self,
+        deployment: Deployment,
+        send: Callable[[Mapping[str, str]], Awaitable[AnswerT]],
+    ) -> AnswerT:
+        """`send(auth headers)`, once more with new headers if Azure refused the first (401).
+
+        An api-key is never sent twice (its `reject` says no); an Entra token
+        is dropped and a new one tried, and a second 401 names the identity,
+        whose role on the resource is then the likely cause.
+        """
+        auth = self.auth_of(deployment)
+        headers = await auth.headers()
+        try:
+            return await send(headers)
+        except GatewayError as error:
+            if error.upstream_status != 401 or not auth.reject(headers):
+                raise
+        try:
+            return await send(await auth.headers())
+        except GatewayError as error:
+            if error.upstream_status == 401:
+                raise entra_refused(auth.description, error) from None
+            raise
+
     def buffered_bytes(self) -> int:
         """Bytes of open streams held for their callers now (each ≤ STREAM_BUFFER_LIMIT)."""
         return sum(stream.buffered for stream in self.streams)
 
-    async def _request(
+    def _request(
         self,
         deployment: Deployment,
         target: UpstreamTarget,
         body: bytes | None,
         call: UpstreamCall,
+        auth_headers: Mapping[str, str],
         *,
         stream: bool,
         **callbacks: Any,
     ) -> HTTPRequest:
         """The upstream HTTP request: URL, headers, timeouts. Streams have no overall limit."""
-        auth = self._auth.get(deployment.name)
-        if auth is None:
-            auth = self._auth[deployment.name] = self._auth_for(deployment)
         headers = {
-            **await auth.headers(),
+            **auth_headers,
             "x-request-id": call.request_id,
             "x-ms-client-request-id": call.request_id,
         }
@@ -206,7 +243,21 @@ class UpstreamClient:
         `parse`, the body is only checked to be an object, and `document` is empty.
         """
         target = UpstreamTarget.of(target)
-        request = await self._request(deployment, target, body, call, stream=False)
+        return await self._signed(
+            deployment,
+            lambda headers: self._complete(deployment, target, body, call, headers, parse),
+        )
+
+    async def _complete(
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget,
+        body: bytes | None,
+        call: UpstreamCall,
+        auth_headers: Mapping[str, str],
+        parse: bool,
+    ) -> UpstreamResponse | None:
+        request = self._request(deployment, target, body, call, auth_headers, stream=False)
         if call.abort_reason:
             return None
         try:
@@ -246,12 +297,27 @@ class UpstreamClient:
         `ends_stream` tells the event after which the stream is complete.
         """
         target = UpstreamTarget.of(target)
+        return await self._signed(
+            deployment,
+            lambda headers: self._open_stream(deployment, target, body, call, headers, ends_stream),
+        )
+
+    async def _open_stream(
+        self,
+        deployment: Deployment,
+        target: UpstreamTarget,
+        body: bytes | None,
+        call: UpstreamCall,
+        auth_headers: Mapping[str, str],
+        ends_stream: Callable[[bytes], bool],
+    ) -> UpstreamStream | None:
         stream = UpstreamStream(self, call, ends_stream)
-        request = await self._request(
+        request = self._request(
             deployment,
             target,
             body,
             call,
+            auth_headers,
             stream=True,
             header_callback=stream.on_header_line,
             streaming_callback=stream.on_chunk,
@@ -261,6 +327,9 @@ class UpstreamClient:
         self.streams.add(stream)
         try:
             await stream.start(request, self._fetch(request, call))
+        except GatewayError:
+            stream.release()  # its transfer is over; the call itself may be tried again
+            raise
         except BaseException:
             stream.close()
             raise
@@ -435,6 +504,10 @@ class UpstreamStream:
     def close(self) -> None:
         """Stop the transfer now (the caller went away or stopped reading)."""
         self.call.abort("client_gone")
+        self.release()
+
+    def release(self) -> None:
+        """Let go of a stream whose transfer is over, leaving its call as it is."""
         self._disarm_timer()
         self._client.stream_ended(self)
 
