@@ -13,6 +13,10 @@
    when it ends), and everything learnt to the `RequestRecord`, which the
    access log line and the answer's headers are made from.
 
+The record's `trace` (gateway/ops/tracing.py) gets one call per step: the
+request described, each attempt's span begun, ended and described by
+gateway/ops/genai.py. With tracing off these calls do nothing.
+
 The handler (handlers/api.py) turns Tornado's request into an `Inbound`,
 writes the `Answer` (`async for chunk in answer.stream: write; await flush`)
 and renders a raised GatewayError with the face.
@@ -32,9 +36,12 @@ from gateway.encoding import compact_json
 from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
+from gateway.ops import genai
+from gateway.ops.admin import RecentAttempts
 from gateway.ops.metrics import Metrics
+from gateway.ops.tracing import NO_ATTEMPT, NO_REQUEST, AttemptTrace, RequestTrace, Tracer
 from gateway.policy.deployments import Deployment
-from gateway.policy.failover import Failover
+from gateway.policy.failover import Failover, FailoverPlan
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.quota import ANONYMOUS, QuotaStore
 from gateway.upstream.client import UpstreamCall, UpstreamResponse
@@ -101,6 +108,9 @@ class RequestRecord:
     headers: dict[str, str] = field(default_factory=dict)
     caller_gone: bool = False
     call: UpstreamCall | None = None
+    error_code: str | None = None  # the GatewayError the request failed with
+    trace: RequestTrace = NO_REQUEST
+    attempt: AttemptTrace = NO_ATTEMPT  # the trace of the attempt under way, or the last
 
     def caller_left(self) -> None:
         """The caller closed its connection: stop the upstream call at once."""
@@ -212,6 +222,7 @@ class Pipeline:
         keyring: KeyRing,
         quota: QuotaStore,
         metrics: Metrics,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
@@ -221,6 +232,8 @@ class Pipeline:
         self.keyring = keyring
         self.quota = quota
         self.metrics = metrics
+        self.tracer = tracer or Tracer()
+        self.recent_attempts = RecentAttempts()
         self.in_flight = InFlight()
 
     async def run(self, face: Face, inbound: Inbound, record: RequestRecord) -> Answer:
@@ -237,12 +250,14 @@ class Pipeline:
                 body = UpstreamBody(
                     face.build_body(request, self.settings.parameter_defaults), None
                 )
+            genai.describe_request(record.trace, face.operation, body.body, model)
             candidates = self.candidates(face, model, record.caller)
             await self.admit(record)
             if body.body.get("stream"):
                 return await self.stream(face, body, candidates, inbound, record)
             return await self.complete(face, body, candidates, inbound, record)
         except GatewayError as error:
+            record.error_code = error.code
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
             if error.upstream_headers:
@@ -290,8 +305,33 @@ class Pipeline:
         record.deployment = deployment
         record.attempts += 1
         record.headers["x-upstream-attempts"] = str(record.attempts)
-        record.call = UpstreamCall(inbound.request_id)
+        record.headers["x-upstream-deployment"] = deployment.name
+        record.attempt = record.trace.attempt(
+            deployment.name, record.attempts, endpoint=deployment.endpoint
+        )
+        record.call = UpstreamCall(inbound.request_id, trace_headers=record.attempt.inject())
         return record.call
+
+    def _attempt_succeeded(
+        self, plan: FailoverPlan, deployment: Deployment, record: RequestRecord
+    ) -> None:
+        self.metrics.count_attempt(deployment.name, "ok")
+        self.recent_attempts.count(deployment.name, failed=False)
+        plan.succeeded(deployment)
+
+    def _attempt_failed(
+        self, plan: FailoverPlan, deployment: Deployment, error: GatewayError, record: RequestRecord
+    ) -> None:
+        """Count a failed attempt and end its span; raise `error` unless another attempt follows."""
+        self.metrics.count_attempt(deployment.name, error.code)
+        self.recent_attempts.count(deployment.name, failed=error.retryable)
+        failover = False
+        try:
+            plan.failed(deployment, error)
+            failover = True
+        finally:
+            record.attempt.failed(error.code, status=error.upstream_status, failover=failover)
+            record.attempt.end(error.upstream_status)
 
     async def complete(
         self,
@@ -311,12 +351,11 @@ class Pipeline:
                     deployment, face.operation, body.encoded(False), call
                 )
             except GatewayError as error:
-                self.metrics.count_attempt(deployment.name, error.code)
-                plan.failed(deployment, error)
+                self._attempt_failed(plan, deployment, error, record)
                 continue
-            self.metrics.count_attempt(deployment.name, "ok")
-            plan.succeeded(deployment)
+            self._attempt_succeeded(plan, deployment, record)
             if response is None:
+                record.attempt.end()
                 break
             return await self._answered(face, response, record)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
@@ -327,6 +366,9 @@ class Pipeline:
         record.upstream_status = response.status
         record.pass_on_headers(response.headers)
         record.usage = face.usage_in_answer(response.document)
+        record.attempt.set_upstream_request_id(record.apim_request_id)
+        genai.describe_answer(record.attempt, response.document, record.usage)
+        record.attempt.end(response.status)
         await self.account(record)
         return Answer(
             headers={"Content-Type": face.content_type},
@@ -357,16 +399,17 @@ class Pipeline:
                     deployment, face.operation, body.encoded(ask_usage), call
                 )
             except GatewayError as error:
-                self.metrics.count_attempt(deployment.name, error.code)
-                plan.failed(deployment, error)
+                self._attempt_failed(plan, deployment, error, record)
                 continue
-            self.metrics.count_attempt(deployment.name, "ok")
-            plan.succeeded(deployment)
+            self._attempt_succeeded(plan, deployment, record)
             if stream is None:
+                record.attempt.end()
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
+            record.attempt.first_token()
             record.pass_on_headers(stream.headers)
+            record.attempt.set_upstream_request_id(record.apim_request_id)
             chunks = self._stream_chunks(face, stream, record, drop_usage_event=ask_usage)
             return Answer(headers=dict(STREAM_HEADERS), stream=chunks)
         raise GatewayError(499, "client_closed_request", "The caller went away.")
@@ -377,8 +420,11 @@ class Pipeline:
         """Azure's events as they came, one chunk per step; the usage event we asked for
         left out; a failure after the start as the face's last error event."""
         self.metrics.streams_in_flight.inc()
+        reading = genai.read_stream(record.attempt)
         try:
             async for events in stream:
+                if reading is not None:
+                    reading.read_events(events)
                 for event in events:
                     usage = face.usage_in_event(event)
                     if usage is not None:
@@ -391,10 +437,15 @@ class Pipeline:
                     events = []  # only the chunk is held while the caller takes it
                     yield chunk
         except GatewayError as error:
+            record.error_code = error.code
+            record.attempt.failed(error.code)
             yield face.stream_error(error)
         finally:
             stream.close()
             self.metrics.streams_in_flight.dec()
+            if reading is not None:
+                reading.report(record.usage)
+            record.attempt.end(200)
             await self.account(record)
 
     async def account(self, record: RequestRecord) -> None:

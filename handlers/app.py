@@ -11,7 +11,9 @@ from tornado.web import Application
 from gateway.config import Settings
 from gateway.faces import AZURE_CHAT, FACES, GPT_CHAT, OPENAI_CHAT
 from gateway.ops.accesslog import write_access_log
+from gateway.ops.admin import RecentRequests
 from gateway.ops.metrics import Metrics
+from gateway.ops.tracing import start_tracing
 from gateway.pipeline import Pipeline
 from gateway.policy.failover import DeploymentPool, Failover
 from gateway.policy.keys import KeyRing
@@ -19,11 +21,13 @@ from gateway.policy.quota import MemoryQuota, QuotaStore, RedisQuota
 from gateway.upstream.client import UpstreamClient
 from gateway.validation import BodyValidator, load_registry
 
+from .admin import AdminDeploymentsHandler, AdminRequestsHandler, AdminUsageHandler
 from .api import ApiHandler, ModelsHandler
 from .base import BaseHandler, NotFoundHandler
 from .listeners import JsonOnlyGzip
 from .ops import HealthHandler, MetricsHandler, ReadyHandler, UsageHandler
 from .status import StatusHandler
+from .webconsole import console_routes
 
 
 def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time) -> Pipeline:
@@ -51,6 +55,7 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         keyring=KeyRing(settings.caller_keys),
         quota=quota,
         metrics=metrics,
+        tracer=start_tracing(settings.tracing, on_dropped=metrics.count_dropped_spans),
     )
 
 
@@ -61,10 +66,15 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> A
     defined in gateway/faces.py.
     """
     pipeline = build_pipeline(settings, clock=clock)
+    # The console's recent requests: API requests' access records, never a prompt.
+    recent = RecentRequests()
 
     def log_request(handler: BaseHandler) -> None:
         record = handler.access_record()
         write_access_log(record, settings.log_format)
+        if isinstance(handler, ApiHandler):
+            recent.add(record)
+            handler.end_trace(record)
         ttft_ms = record.get("ttft_ms")
         pipeline.metrics.count_request(
             record["route"],
@@ -84,6 +94,10 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> A
             (r"/metrics", MetricsHandler),
             (r"/healthz", HealthHandler),
             (r"/readyz", ReadyHandler),
+            (r"/v1/admin/deployments", AdminDeploymentsHandler),
+            (r"/v1/admin/usage", AdminUsageHandler),
+            (r"/v1/admin/requests", AdminRequestsHandler, {"recent": recent}),
+            *console_routes(),
         ],
         default_handler_class=NotFoundHandler,
         transforms=[JsonOnlyGzip],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.accesslog import FIELDS
+from gateway.ops.accesslog import FIELDS
 from gateway.ops.admin import (
     DeploymentState,
     KeyQuota,

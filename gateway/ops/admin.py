@@ -25,6 +25,10 @@ OpenAI shape `{"error": {"code", "message", "type", "param"}}`: 401
 
 `azure_remaining_*` are the `x-ratelimit-remaining-*` headers of Azure's last
 answer from that deployment (null before any, or when Azure sent -1).
+`recent` counts upstream attempts and the failures that cool a deployment down
+(`RecentAttempts`). The pool (gateway/policy/failover.py) knows no priority,
+requests in flight or Azure's remaining counts: `pool_states` leaves them null
+until a capacity board provides them.
 
 `GET /v1/admin/usage` (`usage_document`)::
 
@@ -68,16 +72,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from ..accesslog import FIELDS, timestamp
+from gateway.ops.accesslog import FIELDS, timestamp
+from gateway.policy.failover import DeploymentPool
 
 DEFAULT_RECENT_CAPACITY = 200
 DEFAULT_REQUESTS_LIMIT = 50
 RECENT_WINDOW_SECONDS = 300
+# The window moves in steps of RECENT_WINDOW_SECONDS / RECENT_BUCKETS.
+RECENT_BUCKETS = 30
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,31 @@ class DeploymentState:
     weight: float = 1.0
     priority: int | None = None
     cooling_for: float = 0.0
-    in_flight: int = 0
+    in_flight: int | None = None
     azure_remaining_requests: int | None = None
     azure_remaining_tokens: int | None = None
     recent_requests: int = 0
     recent_errors: int = 0
+
+
+def pool_states(pool: DeploymentPool, attempts: RecentAttempts) -> list[DeploymentState]:
+    """Each deployment of `pool` as it stands now, with its recent attempts."""
+    states = []
+    for deployment in pool.deployments:
+        made, failed = attempts.counts(deployment.name)
+        states.append(
+            DeploymentState(
+                name=deployment.name,
+                deployment=deployment.deployment,
+                endpoint=deployment.endpoint,
+                models=deployment.models,
+                weight=deployment.weight,
+                cooling_for=pool.cooling_for(deployment),
+                recent_requests=made,
+                recent_errors=failed,
+            )
+        )
+    return states
 
 
 @dataclass(frozen=True)
@@ -241,6 +268,54 @@ class RecentRequests:
 
     def __len__(self) -> int:
         return len(self._records)
+
+
+class RecentAttempts:
+    """Each deployment's upstream attempts, and those that failed it, over the last
+    `window_seconds`: the deployments view's recent error rate.
+
+    A failure here is one that cools the deployment down (a retryable one: 429,
+    5xx, a timeout, a refused connection); a 400 is the caller's, not the
+    deployment's. Counted in buckets, so memory stays `buckets` entries per
+    deployment however busy it is.
+    """
+
+    def __init__(
+        self,
+        window_seconds: int = RECENT_WINDOW_SECONDS,
+        *,
+        buckets: int = RECENT_BUCKETS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window_seconds = window_seconds
+        self._buckets = buckets
+        self._width = window_seconds / buckets
+        self._clock = clock
+        # deployment -> [bucket number, attempts, failures], oldest first
+        self._counts: dict[str, deque[list[int]]] = {}
+
+    def count(self, deployment: str, *, failed: bool) -> None:
+        bucket = int(self._clock() // self._width)
+        counts = self._counts.get(deployment)
+        if counts is None:
+            counts = self._counts[deployment] = deque()
+        if counts and counts[-1][0] == bucket:
+            counts[-1][1] += 1
+            counts[-1][2] += failed
+        else:
+            counts.append([bucket, 1, int(failed)])
+            while counts[0][0] <= bucket - self._buckets:
+                counts.popleft()
+
+    def counts(self, deployment: str) -> tuple[int, int]:
+        """(attempts, failures) of `deployment` within the window."""
+        oldest = int(self._clock() // self._width) - self._buckets
+        attempts = failures = 0
+        for bucket, made, failed in self._counts.get(deployment, ()):
+            if bucket > oldest:
+                attempts += made
+                failures += failed
+        return attempts, failures
 
 
 def requests_limit(raw: str | None, capacity: int) -> int:

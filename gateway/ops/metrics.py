@@ -150,6 +150,11 @@ class Metrics:
             "Failed calls to the Redis quota store.",
             registry=registry,
         )
+        self.trace_spans_dropped_total = Counter(
+            "gateway_trace_spans_dropped_total",
+            "Trace spans lost: the export queue was full or the collector did not take them.",
+            registry=registry,
+        )
 
         self._requests = LabelledChildren(self.requests_total)
         self._durations = LabelledChildren(self.request_duration_seconds)
@@ -179,6 +184,10 @@ class Metrics:
     def count_quota_rejection(self, key: str, limit: str) -> None:
         """Count a request refused by `key`'s limit ("requests" or "tokens")."""
         self._quota_rejections(key, limit).inc()
+
+    def count_dropped_spans(self, count: int) -> None:
+        """Count spans the tracer lost (called from the exporter's thread too)."""
+        self.trace_spans_dropped_total.inc(count)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its Content-Type.

@@ -41,8 +41,10 @@ or the exporter's, so a metric can count them.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import time_ns
@@ -66,8 +68,8 @@ from opentelemetry.sdk.version import __version__ as SDK_VERSION
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ..errors import ConfigError
-from ..secret import Secret
+from gateway.errors import ConfigError
+from gateway.secret import Secret
 
 DEFAULT_SERVICE_NAME = "azure-gpt-api"
 DEFAULT_EXPORT_TIMEOUT_MS = 10_000
@@ -78,6 +80,14 @@ DEFAULT_MAX_EXPORT_BATCH_SIZE = 512
 # How long `shutdown` waits for the last spans to leave: a collector that is
 # down must not hold up a restart.
 DEFAULT_SHUTDOWN_TIMEOUT = 2.0
+# The exporter logs every batch it could not send, and every retry: with the
+# collector down, a line every few seconds. The drops are counted
+# (`on_dropped`), so one line per interval is enough to say it is happening.
+EXPORT_LOG_INTERVAL = 60.0
+EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.common.http",
+)
 TRACES_PATH = "v1/traces"
 PROVIDER_NAME = "azure.ai.openai"
 INSTRUMENTATION_NAME = "azure-gpt-api"
@@ -317,6 +327,13 @@ class AttemptTrace:
     """One upstream attempt. This base does nothing: it is what tracing off hands out."""
 
     __slots__ = ()
+    # False: nothing is recorded, so there is no need to read the answer for it.
+    recording = False
+
+    @property
+    def captures_content(self) -> bool:
+        """True when the answer's text is wanted (`record_output`)."""
+        return False
 
     def inject(self) -> dict[str, str]:
         """The `traceparent`/`tracestate` headers to send to Azure with this attempt."""
@@ -353,6 +370,8 @@ class RequestTrace:
     """One request through the gateway. This base does nothing: it is what tracing off hands out."""
 
     __slots__ = ()
+    # False: nothing is recorded, so there is no need to describe the request.
+    recording = False
 
     def set_request(
         self,
@@ -521,6 +540,11 @@ class _CountingBatchProcessor(BatchSpanProcessor):
 
 class _RecordingAttempt(AttemptTrace):
     __slots__ = ("_span", "_started", "_capture", "_failed", "_ended")
+    recording = True
+
+    @property
+    def captures_content(self) -> bool:
+        return self._capture
 
     def __init__(self, span: trace.Span, started: int, capture: bool) -> None:
         self._span = span
@@ -623,6 +647,7 @@ def _input_messages(messages: Sequence[Mapping[str, Any]]) -> str:
 
 class _RecordingRequest(RequestTrace):
     __slots__ = ("_tracer", "_span", "_capture", "_request", "_input", "_attempts", "_deployment")
+    recording = True
 
     def __init__(self, tracer: trace.Tracer, span: trace.Span, capture: bool) -> None:
         self._tracer = tracer
@@ -717,6 +742,37 @@ class _RecordingRequest(RequestTrace):
         self._span.end()
 
 
+class _OneLinePerInterval(logging.Filter):
+    """Lets one record through per `interval` seconds, saying how many it held back."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: float | None = None
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and now - self._last < self.interval:
+                self._held += 1
+                return False
+            self._last, held, self._held = now, self._held, 0
+        if held:
+            record.msg = f"{record.getMessage()} ({held} similar lines held back)"
+            record.args = None
+        return True
+
+
+def quiet_exporter_logs(interval: float = EXPORT_LOG_INTERVAL) -> None:
+    """At most one exporter log line per `interval`; loggers are the process's, so once."""
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(known, _OneLinePerInterval) for known in logger.filters):
+            logger.addFilter(_OneLinePerInterval(interval))
+
+
 class OpenTelemetryTracer(Tracer):
     """Tracing on: spans through the SDK's batch processor to the OTLP/HTTP exporter."""
 
@@ -725,6 +781,7 @@ class OpenTelemetryTracer(Tracer):
     def __init__(self, settings: TracingSettings, *, on_dropped: Callable[[int], None]) -> None:
         if settings.endpoint is None:
             raise ValueError("tracing needs an OTLP endpoint")
+        quiet_exporter_logs()
         self._capture = settings.capture_content
         resource = Resource(
             {

@@ -39,7 +39,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
@@ -87,6 +87,14 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+class WindowUsage(NamedTuple):
+    """What a key used in the current window, and when the window ends."""
+
+    requests: int
+    tokens: int
+    resets_in_seconds: int
+
+
 class QuotaStore(Protocol):
     async def admit(self, key: CallerKey, now: float | None = None) -> Admission: ...
 
@@ -101,6 +109,8 @@ class QuotaStore(Protocol):
     ) -> None: ...
 
     async def usage_report(self) -> dict: ...
+
+    async def window_usage(self, key: CallerKey, now: float | None = None) -> WindowUsage: ...
 
     async def close(self) -> None: ...
 
@@ -209,6 +219,16 @@ class MemoryQuota:
     async def usage_report(self) -> dict:
         """`{"keys": {name: {deployment: {"requests", "prompt_tokens", "completion_tokens"}}}}`."""
         return _sorted_report(self._usage)
+
+    async def window_usage(self, key: CallerKey, now: float | None = None) -> WindowUsage:
+        """`key`'s requests and tokens in the current window (counted only for limited keys)."""
+        now = self._clock() if now is None else now
+        window = window_of(now)
+        return WindowUsage(
+            self._requests.get((key.name, window), 0),
+            self._tokens.get((key.name, window), 0),
+            seconds_to_next_window(now),
+        )
 
     async def close(self) -> None:
         """Nothing to release; here so both stores close the same way."""
@@ -410,6 +430,24 @@ class RedisQuota:
                 name: int(counters.get(name, 0)) for name in _USAGE_FIELDS
             }
         return _sorted_report(usage)
+
+    async def window_usage(self, key: CallerKey, now: float | None = None) -> WindowUsage:
+        """`key`'s requests and tokens in the current window, for every process sharing Redis.
+
+        Raises a 503 GatewayError when Redis cannot be reached.
+        """
+        now = self._clock() if now is None else now
+        window = window_of(now)
+        try:
+            requests, tokens = await self._redis.mget(
+                self._requests_key(key.name, window), self._tokens_key(key.name, window)
+            )
+        except _REDIS_FAILURES as error:
+            self._redis_failed(error)
+            raise GatewayError(
+                503, "quota_unavailable", "The quotas are unavailable right now."
+            ) from None
+        return WindowUsage(int(requests or 0), int(tokens or 0), seconds_to_next_window(now))
 
     async def close(self) -> None:
         """Close the connections to Redis."""
