@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -9,9 +10,11 @@ import pytest
 
 from gateway.errors import ConfigError
 from gateway.ops.tracing import (
+    EXPORTER_LOGGERS,
     NO_ATTEMPT,
     NO_REQUEST,
     ForwardedTrace,
+    OneLinePerInterval,
     OpenTelemetryTracer,
     Tracer,
     load_tracing_settings,
@@ -401,3 +404,25 @@ def test_settings_take_the_signal_specific_variable_and_keep_headers_secret():
     assert (settings.sampler, settings.sampler_ratio) == ("parentbased_traceidratio", 0.25)
     general = load_tracing_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://general:4318/"})
     assert general.endpoint == "http://general:4318/v1/traces"
+
+
+def test_exporter_logs_are_held_to_one_line_per_interval(start):
+    start({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    for name in EXPORTER_LOGGERS:
+        assert any(isinstance(f, OneLinePerInterval) for f in logging.getLogger(name).filters)
+
+    now = [100.0]
+    quiet = OneLinePerInterval(60.0, clock=lambda: now[0])
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("exporter", logging.WARNING, __file__, 1, message, None, None)
+
+    assert quiet.filter(record("Failed to export batch"))
+    now[0] += 30
+    assert not quiet.filter(record("Failed to export batch"))
+    assert not quiet.filter(record("Transient error, retrying"))
+    now[0] += 31
+    passed = record("Failed to export %s")
+    passed.args = ("spans",)
+    assert quiet.filter(passed)
+    assert passed.getMessage() == "Failed to export spans (2 similar lines held back)"

@@ -742,18 +742,19 @@ class _RecordingRequest(RequestTrace):
         self._span.end()
 
 
-class _OneLinePerInterval(logging.Filter):
+class OneLinePerInterval(logging.Filter):
     """Lets one record through per `interval` seconds, saying how many it held back."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.interval = interval
+        self._clock = clock
         self._last: float | None = None
         self._held = 0
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if self._last is not None and now - self._last < self.interval:
                 self._held += 1
@@ -769,8 +770,8 @@ def quiet_exporter_logs(interval: float = EXPORT_LOG_INTERVAL) -> None:
     """At most one exporter log line per `interval`; loggers are the process's, so once."""
     for name in EXPORTER_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(known, _OneLinePerInterval) for known in logger.filters):
-            logger.addFilter(_OneLinePerInterval(interval))
+        if not any(isinstance(known, OneLinePerInterval) for known in logger.filters):
+            logger.addFilter(OneLinePerInterval(interval))
 
 
 class OpenTelemetryTracer(Tracer):
@@ -812,6 +813,7 @@ class OpenTelemetryTracer(Tracer):
         )
         self._provider.add_span_processor(self._processor)
         self._tracer = self._provider.get_tracer(INSTRUMENTATION_NAME)
+        self._shutdown_worker: threading.Thread | None = None
 
     def request(self, method: str, route: str, headers: Mapping[str, str]) -> RequestTrace:
         span = self._tracer.start_span(
@@ -825,7 +827,11 @@ class OpenTelemetryTracer(Tracer):
     def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> bool:
         # The SDK's shutdown waits up to 30 s for a collector; run it aside and
         # wait only `timeout`. Its thread is a daemon: it cannot hold the exit.
-        worker = threading.Thread(
+        # A second call waits for the first one's thread.
+        if self._shutdown_worker is not None:
+            self._shutdown_worker.join(timeout)
+            return not self._shutdown_worker.is_alive()
+        worker = self._shutdown_worker = threading.Thread(
             target=self._provider.shutdown, name="trace-shutdown", daemon=True
         )
         worker.start()
