@@ -13,7 +13,7 @@ from typing import Any
 
 from tornado.web import StaticFileHandler
 
-from .base import HSTS, SECURITY_HEADERS
+from .base import HSTS, SECURITY_HEADERS, access_record
 
 CONSOLE_DIRECTORY = str(Path(__file__).resolve().parent / "console")
 CONSOLE_CSP = "; ".join(
@@ -33,6 +33,8 @@ CONSOLE_CSP = "; ".join(
 class ConsoleFileHandler(StaticFileHandler):
     """A console file, with the security headers of every route and the console's CSP."""
 
+    route = "console"
+
     def set_default_headers(self) -> None:
         self.clear_header("Server")
         for name, value in SECURITY_HEADERS.items():
@@ -44,6 +46,9 @@ class ConsoleFileHandler(StaticFileHandler):
     def set_extra_headers(self, path: str) -> None:
         # Revalidate on every load, so a deploy shows at once; the ETag keeps it cheap.
         self.set_header("Cache-Control", "no-cache")
+
+    def access_record(self) -> dict[str, Any]:
+        return access_record(self, self.route)
 
 
 def console_routes() -> list[tuple[str, type[ConsoleFileHandler], dict[str, Any]]]:
