@@ -1,10 +1,13 @@
 # The two Quickstart commands: `make start` and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
+# Playwright drives the system's chromium; it must never fetch a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 # What the tests need from Debian: Redis (the quota tests start their own),
 # openssl (a throwaway certificate), Node.js and npm (PM2, for the reload test),
-# python3-venv (the venv itself).
-DEBIAN_PACKAGES := redis-server openssl nodejs npm python3-venv
+# python3-venv (the venv itself), chromium (the console tests drive it through
+# Playwright, which never downloads a browser of its own).
+DEBIAN_PACKAGES := redis-server openssl nodejs npm python3-venv chromium
 
 .PHONY: install start test lint system-packages
 
@@ -15,6 +18,7 @@ system-packages:
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \

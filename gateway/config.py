@@ -28,6 +28,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 from gateway.errors import ConfigError
+from gateway.ops.tracing import TracingSettings, load_tracing_settings
 from gateway.policy.deployments import Deployment, load_deployments, read_yaml
 from gateway.policy.keys import CallerKey, keys_from_api_keys, keys_from_yaml
 from gateway.secret import Secret
@@ -278,6 +279,28 @@ _PROXY_DOC = (
 PROXY_VARIABLES = tuple(
     Variable(f"{scheme}_PROXY", str, _PROXY_DOC) for scheme in ("HTTPS", "HTTP", "NO")
 )
+# The standard OpenTelemetry variables most set; gateway/ops/tracing.py reads
+# these and the rest of them (README "Tracing").
+TRACING_VARIABLES = (
+    Variable(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        str,
+        "OTLP/HTTP collector for traces (`http://localhost:4318`); unset: tracing is off",
+    ),
+    Variable("OTEL_SERVICE_NAME", str, "the traces' `service.name`", "azure-gpt-api"),
+    Variable(
+        "OTEL_TRACES_SAMPLER",
+        str,
+        "which requests are traced (`OTEL_TRACES_SAMPLER_ARG` for the ratio ones)",
+        "parentbased_always_on",
+    ),
+    Variable(
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+        str,
+        "SENSITIVE: record prompts and answers in the traces",
+        False,
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -427,6 +450,7 @@ class Settings:
         "json",
         shown="`json` if stdout is not a terminal, else `text`",
     )
+    tracing: TracingSettings = assembled(*TRACING_VARIABLES, default=TracingSettings())
 
 
 def variables() -> list[Variable]:
@@ -546,6 +570,11 @@ def load_settings(
                 problems.append(f"{name}: is required when ENABLE_SSL is true")
 
     proxies = read_proxies(values, problems)
+    tracing = TracingSettings()
+    try:
+        tracing = load_tracing_settings(values)
+    except ConfigError as error:
+        problems.extend(error.problems)
 
     names = [key.name for key in caller_keys]
     problems.extend(
@@ -563,6 +592,7 @@ def load_settings(
         caller_keys=tuple(caller_keys),
         parameter_defaults=MappingProxyType(parameters),
         proxies=MappingProxyType(proxies),
+        tracing=tracing,
         **simple,
     )
 

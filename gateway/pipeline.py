@@ -20,6 +20,10 @@
    learnt to the `RequestRecord`, which the access log line and the answer's
    headers are made from.
 
+The record's `trace` (gateway/ops/tracing.py) gets one call per step: the
+request described, each attempt's span begun, ended and described by
+gateway/ops/genai.py. With tracing off these calls do nothing.
+
 The handler (handlers/api.py) turns Tornado's request into an `Inbound`,
 writes the `Answer` (`async for chunk in answer.stream: write; await flush`)
 and renders a raised GatewayError with the face.
@@ -42,13 +46,16 @@ from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
 from gateway.holders import NOT_HELD, Holders, response_not_found
+from gateway.ops import genai
+from gateway.ops.admin import RecentAttempts
 from gateway.ops.metrics import Metrics
+from gateway.ops.tracing import NO_ATTEMPT, NO_REQUEST, AttemptTrace, RequestTrace, Tracer
 from gateway.policy.affinity import AffinityStore, MemoryAffinity
 from gateway.policy.budgets import TokenUsage, cost_usd
 from gateway.policy.callers import Callers
 from gateway.policy.deployments import Deployment
 from gateway.policy.estimate import Estimate, TokenEstimator
-from gateway.policy.failover import Failover
+from gateway.policy.failover import Failover, FailoverPlan
 from gateway.policy.keys import CallerKey, KeyRing
 from gateway.policy.limits import Charge
 from gateway.policy.quota import ANONYMOUS, QuotaStore, has_limits
@@ -147,6 +154,9 @@ class RequestRecord:
     caller_gone: bool = False
     call: UpstreamCall | None = None
     charge: Charge | None = None  # what admission charged the key's window
+    error_code: str | None = None  # the GatewayError the request failed with
+    trace: RequestTrace = NO_REQUEST
+    attempt: AttemptTrace = NO_ATTEMPT  # the trace of the attempt under way, or the last
 
     def caller_left(self) -> None:
         """The caller closed its connection: stop the upstream call at once."""
@@ -290,6 +300,7 @@ class Pipeline:
         affinity: AffinityStore | None = None,
         callers: Callers | None = None,
         credentials: TokenSources | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
@@ -305,6 +316,8 @@ class Pipeline:
         self.board = failover.pool.board
         self.callers = callers or Callers(keyring)
         self.credentials = credentials or TokenSources()
+        self.tracer = tracer or Tracer()
+        self.recent_attempts = RecentAttempts()
         self.in_flight = InFlight()
 
     def start(self) -> None:
@@ -361,6 +374,9 @@ class Pipeline:
                 face.item.format(*inbound.path_args),
                 forwarded_query(inbound.query) if face.passes_query else "",
             )
+            genai.describe_request(
+                record.trace, face.operation, {} if body is None else body.body, model
+            )
             candidates = self.candidates(face, model, record.caller)
             streams = face.may_stream and (
                 bool(body.body.get("stream")) if body is not None else asks_stream(inbound.query)
@@ -391,6 +407,7 @@ class Pipeline:
                 face, target, body, candidates, inbound, record, estimate.total, held
             )
         except GatewayError as error:
+            record.error_code = error.code
             if error.upstream_status is not None:
                 record.upstream_status = error.upstream_status
             if error.upstream_headers:
@@ -439,8 +456,42 @@ class Pipeline:
         record.deployment = deployment
         record.attempts += 1
         record.headers["x-upstream-attempts"] = str(record.attempts)
-        record.call = UpstreamCall(inbound.request_id)
+        record.headers["x-upstream-deployment"] = deployment.name
+        record.attempt = record.trace.attempt(
+            deployment.name, record.attempts, endpoint=deployment.endpoint
+        )
+        record.call = UpstreamCall(inbound.request_id, trace_headers=record.attempt.inject())
         return record.call
+
+    def _attempt_succeeded(
+        self, plan: FailoverPlan | None, deployment: Deployment, record: RequestRecord
+    ) -> None:
+        self.metrics.count_attempt(deployment.name, "ok")
+        self.recent_attempts.count(deployment.name, failed=False)
+        if plan is not None:
+            plan.succeeded(deployment)
+
+    def _attempt_failed(
+        self,
+        plan: FailoverPlan | None,
+        deployment: Deployment,
+        error: GatewayError,
+        record: RequestRecord,
+    ) -> None:
+        """Count a failed attempt, keep Azure's remaining counts from its answer, end its
+        span; with a `plan`, raise `error` unless another attempt follows."""
+        self.metrics.count_attempt(deployment.name, error.code)
+        self.recent_attempts.count(deployment.name, failed=error.retryable)
+        if error.upstream_headers:
+            self.board.observe(deployment.name, error.upstream_headers)
+        failover = plan is None
+        try:
+            if plan is not None:
+                plan.failed(deployment, error)
+                failover = True
+        finally:
+            record.attempt.failed(error.code, status=error.upstream_status, failover=failover)
+            record.attempt.end(error.upstream_status)
 
     async def complete(
         self,
@@ -467,14 +518,13 @@ class Pipeline:
                         deployment, target, encoded, call, parse=face.usage_in_body is None
                     )
             except GatewayError as error:
-                self._attempt_failed(deployment, error)
                 if held is not None:
-                    await self._held_failure(face, held, deployment, error)
-                plan.failed(deployment, error)
+                    error = await self._held_error(face, held, deployment, error)
+                self._attempt_failed(plan, deployment, error, record)
                 continue
-            self.metrics.count_attempt(deployment.name, "ok")
-            plan.succeeded(deployment)
+            self._attempt_succeeded(plan, deployment, record)
             if response is None:
+                record.attempt.end()
                 break
             await self.holders.remember(
                 face, response.document, None if body is None else body.body, deployment
@@ -505,10 +555,10 @@ class Pipeline:
                 if error.upstream_status == 404:
                     self.metrics.count_attempt(deployment.name, NOT_HELD)
                     continue
-                self._attempt_failed(deployment, error)
+                self._attempt_failed(None, deployment, error, record)
                 failure = error
                 continue
-            self.metrics.count_attempt(deployment.name, "ok")
+            self._attempt_succeeded(None, deployment, record)
             if response is None:
                 raise GatewayError(499, "client_closed_request", "The caller went away.")
             if face.method != "DELETE":
@@ -516,20 +566,15 @@ class Pipeline:
             return await self._answered(face, response, record)
         raise failure or response_not_found(response_id)
 
-    async def _held_failure(
+    async def _held_error(
         self, face: Face, response_id: str, deployment: Deployment, error: GatewayError
-    ) -> None:
-        """A 404 from the deployment holding a response: the response is gone (deleted,
-        expired), which is the caller's answer, not a misconfigured deployment."""
+    ) -> GatewayError:
+        """A 404 from the deployment holding a response means the response is gone (deleted,
+        expired): that is the caller's answer, not a misconfigured deployment."""
         if error.upstream_status != 404 or face.reads_body:
-            return
+            return error
         await self.affinity.forget(response_id)
-        raise response_not_found(response_id, deployment, error)
-
-    def _attempt_failed(self, deployment: Deployment, error: GatewayError) -> None:
-        self.metrics.count_attempt(deployment.name, error.code)
-        if error.upstream_headers:
-            self.board.observe(deployment.name, error.upstream_headers)
+        return response_not_found(response_id, deployment, error)
 
     async def _answered(
         self, face: Face, response: UpstreamResponse, record: RequestRecord
@@ -542,6 +587,9 @@ class Pipeline:
             record.usage = face.usage_in_body(response.body)
         else:
             record.usage = face.usage_in_answer(response.document)
+        record.attempt.set_upstream_request_id(record.apim_request_id)
+        genai.describe_answer(record.attempt, response.document, record.usage)
+        record.attempt.end(response.status)
         await self.account(record)
         return Answer(
             headers={"Content-Type": face.content_type},
@@ -584,21 +632,22 @@ class Pipeline:
                 )
             except GatewayError as error:
                 in_flight.close()
-                self._attempt_failed(deployment, error)
-                plan.failed(deployment, error)
+                self._attempt_failed(plan, deployment, error, record)
                 continue
             except BaseException:
                 in_flight.close()
                 raise
-            self.metrics.count_attempt(deployment.name, "ok")
-            plan.succeeded(deployment)
+            self._attempt_succeeded(plan, deployment, record)
             if stream is None:
                 in_flight.close()
+                record.attempt.end()
                 break
             record.upstream_status = 200
             record.first_event_at = time.time()
+            record.attempt.first_token()
             record.pass_on_headers(stream.headers)
             self.board.observe(deployment.name, stream.headers)
+            record.attempt.set_upstream_request_id(record.apim_request_id)
             chunks = self._stream_chunks(
                 face, stream, record, body, in_flight, drop_usage_event=ask_usage
             )
@@ -623,6 +672,7 @@ class Pipeline:
         last_event: bytes | None = None
         unrecorded = face.records_response
         keepalive = self.settings.stream_keepalive
+        reading = genai.read_stream(record.attempt)
         pulls = aiter(stream)
         try:
             while True:
@@ -638,6 +688,8 @@ class Pipeline:
                 except TimeoutError:
                     yield KEEPALIVE_COMMENT
                     continue
+                if reading is not None:
+                    reading.read_events(events)
                 if unrecorded and record.deployment is not None:
                     for event in events:
                         created = created_response(event)
@@ -663,11 +715,16 @@ class Pipeline:
                     events = []  # only the chunk is held while the caller takes it
                     yield chunk
         except GatewayError as error:
+            record.error_code = error.code
+            record.attempt.failed(error.code)
             yield face.stream_error(error, last_event)
         finally:
             stream.close()
             in_flight.close()
             self.metrics.streams_in_flight.dec()
+            if reading is not None:
+                reading.report(record.usage)
+            record.attempt.end(200)
             await self.account(record)
 
     async def account(self, record: RequestRecord) -> None:

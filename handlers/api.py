@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -17,6 +18,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError
 
 from gateway.faces import OPENAI_CHAT, Face, unknown_model
+from gateway.ops.genai import route_template
 from gateway.pipeline import Answer, Inbound, RequestRecord
 
 from .base import BaseHandler, BodyReadingHandler
@@ -47,7 +49,12 @@ class ApiHandler(BodyReadingHandler):
         self._counted = True
         supplied = self.request.headers.get("x-request-id", "")
         self.request_id = supplied if _REQUEST_ID.match(supplied) else secrets.token_hex(16)
-        self.record = RequestRecord(headers={"x-request-id": self.request_id})
+        tracer = self.pipeline.tracer
+        route = route_template(self.request.path, self.path_args) if tracer.enabled else ""
+        self.record = RequestRecord(
+            headers={"x-request-id": self.request_id},
+            trace=tracer.request(self.request.method or "POST", route, self.request.headers),
+        )
         self.set_header("x-request-id", self.request_id)
         if self.request.method not in (self.face.method, "OPTIONS"):
             raise HTTPError(405)
@@ -104,6 +111,13 @@ class ApiHandler(BodyReadingHandler):
     def answer_headers(self) -> dict[str, str]:
         # send_error cleared the headers set so far; these belong on errors too.
         return getattr(self, "record", RequestRecord()).headers
+
+    def end_trace(self, access: Mapping[str, Any]) -> None:
+        """End the request's server span with what the access log says about it."""
+        trace = self.record.trace
+        trace.set_key(access.get("key"))
+        trace.set_request_id(self.request_id)
+        trace.end(access["status"], error_type=self.record.error_code)
 
     def access_record(self) -> dict[str, Any]:
         record = super().access_record()

@@ -12,8 +12,10 @@ from gateway import faces
 from gateway.config import Settings
 from gateway.faces import AZURE_CHAT, FACES, GPT_CHAT, OPENAI_CHAT
 from gateway.ops.accesslog import write_access_log
+from gateway.ops.admin import RecentRequests
 from gateway.ops.deployment_metrics import DeploymentCapacityCollector
 from gateway.ops.metrics import Metrics
+from gateway.ops.tracing import start_tracing
 from gateway.pipeline import Pipeline
 from gateway.policy.affinity import AffinityStore, MemoryAffinity, RedisAffinity
 from gateway.policy.callers import Callers
@@ -27,11 +29,13 @@ from gateway.upstream.auth import TokenSources, UpstreamAuth
 from gateway.upstream.client import UpstreamClient, api_key_auth
 from gateway.validation import BodyValidator, load_registry
 
+from .admin import AdminDeploymentsHandler, AdminRequestsHandler, AdminUsageHandler
 from .api import ApiHandler, ModelsHandler
 from .base import BaseHandler, NotFoundHandler
 from .listeners import JsonOnlyGzip
 from .ops import HealthHandler, MetricsHandler, ReadyHandler, UsageHandler
 from .status import StatusHandler
+from .webconsole import console_routes
 
 # The longest read of an OIDC issuer's discovery document or JWKS.
 OIDC_FETCH_TIMEOUT = 10.0
@@ -91,6 +95,7 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         ),
         callers=build_callers(settings, keyring, upstream, metrics),
         credentials=credentials,
+        tracer=start_tracing(settings.tracing, on_dropped=metrics.count_dropped_spans),
     )
 
 
@@ -141,10 +146,15 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> A
     defined in gateway/faces.py.
     """
     pipeline = build_pipeline(settings, clock=clock)
+    # The console's recent requests: API requests' access records, never a prompt.
+    recent = RecentRequests()
 
     def log_request(handler: BaseHandler) -> None:
         record = handler.access_record()
         write_access_log(record, settings.log_format)
+        if isinstance(handler, ApiHandler):
+            recent.add(record)
+            handler.end_trace(record)
         ttft_ms = record.get("ttft_ms")
         pipeline.metrics.count_request(
             record["route"],
@@ -178,6 +188,10 @@ def make_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> A
             (r"/metrics", MetricsHandler),
             (r"/healthz", HealthHandler),
             (r"/readyz", ReadyHandler),
+            (r"/v1/admin/deployments", AdminDeploymentsHandler),
+            (r"/v1/admin/usage", AdminUsageHandler),
+            (r"/v1/admin/requests", AdminRequestsHandler, {"recent": recent}),
+            *console_routes(),
         ],
         default_handler_class=NotFoundHandler,
         transforms=[JsonOnlyGzip],

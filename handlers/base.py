@@ -34,6 +34,19 @@ DEFAULT_HEADERS_HTTPS = (*DEFAULT_HEADERS, ("Strict-Transport-Security", HSTS))
 CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 
 
+def access_record(handler: RequestHandler, route: str) -> dict[str, Any]:
+    """What the access log line says about any request."""
+    return {
+        "time": timestamp(request_start_time(handler.request)),
+        "request_id": None,
+        "method": handler.request.method,
+        "route": route,
+        "path": handler.request.path,
+        "status": handler.get_status(),
+        "duration_ms": round(handler.request.request_time() * 1000, 2),
+    }
+
+
 class BaseHandler(RequestHandler):
     """Headers, and error answers in the shape of the handler's face.
 
@@ -118,15 +131,7 @@ class BaseHandler(RequestHandler):
 
     def access_record(self) -> dict[str, Any]:
         """What the access log line says about this request."""
-        return {
-            "time": timestamp(request_start_time(self.request)),
-            "request_id": None,
-            "method": self.request.method,
-            "route": self.route,
-            "path": self.request.path,
-            "status": self.get_status(),
-            "duration_ms": round(self.request.request_time() * 1000, 2),
-        }
+        return access_record(self, self.route)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Expected failures are the caller's or Azure's, not a bug: no traceback.

@@ -159,3 +159,6 @@ class GatewayServer:
         for server in self.servers:
             await server.close_all_connections()
         await self.pipeline.close()
+        if self.pipeline.tracer.enabled:
+            # The last spans, sent off the event loop (bounded by the tracer's own timeout).
+            await asyncio.to_thread(self.pipeline.tracer.shutdown)

@@ -176,6 +176,11 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.trace_spans_dropped_total = Counter(
+            "gateway_trace_spans_dropped_total",
+            "Trace spans lost: the export queue was full or the collector did not take them.",
+            registry=registry,
+        )
 
         self._requests = LabelledChildren(self.requests_total)
         self._durations = LabelledChildren(self.request_duration_seconds)
@@ -231,6 +236,10 @@ class Metrics:
 
     def count_jwt_rejection(self, reason: str) -> None:
         self.jwt_rejections_total.labels(reason).inc()
+
+    def count_dropped_spans(self, count: int) -> None:
+        """Count spans the tracer lost (called from the exporter's thread too)."""
+        self.trace_spans_dropped_total.inc(count)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its Content-Type.

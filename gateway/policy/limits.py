@@ -166,6 +166,24 @@ class RateLimiter(Protocol):
 
     async def correct(self, charge: Charge, actual_tokens: int) -> None: ...
 
+    async def usage(self, name: str) -> WindowUse: ...
+
+
+@dataclass(frozen=True)
+class WindowUse:
+    """What a key has used in the window now, and when its oldest charge leaves it."""
+
+    requests: int
+    tokens: int
+    frees_in_seconds: int
+
+
+def window_use(requests: dict[int, int], tokens: dict[int, int], now: float) -> WindowUse:
+    """The window's sums; `frees_in_seconds` is 0 for an empty window."""
+    oldest = min((*requests, *tokens), default=None)
+    frees = 0 if oldest is None else max(0, math.ceil(oldest + WINDOW_BUCKETS - now))
+    return WindowUse(sum(requests.values()), sum(tokens.values()), frees)
+
 
 class MemoryRateLimiter:
     """Sliding-window limits counted in this process only."""
@@ -217,6 +235,13 @@ class MemoryRateLimiter:
         buckets = self._window(charge.key, "tokens", math.floor(self._clock()))
         if charge.bucket in buckets:
             buckets[charge.bucket] = max(0, buckets[charge.bucket] + actual_tokens - charge.tokens)
+
+    async def usage(self, name: str) -> WindowUse:
+        now = self._clock()
+        bucket = math.floor(now)
+        return window_use(
+            self._window(name, "requests", bucket), self._window(name, "tokens", bucket), now
+        )
 
 
 # Check both limits and charge the request in one atomic step.
@@ -350,3 +375,15 @@ class RedisRateLimiter:
                 WINDOW_BUCKETS,
             ],
         )
+
+    async def usage(self, name: str) -> WindowUse:
+        """Read-only: buckets past the window are left for the next admission to drop."""
+        now = self._clock()
+        oldest_kept = math.floor(now) - WINDOW_BUCKETS
+
+        async def window(kind: str) -> dict[int, int]:
+            flat = await self._redis.hgetall(self._key(kind, name))
+            buckets = {int(bucket): int(amount) for bucket, amount in flat.items()}
+            return {bucket: amount for bucket, amount in buckets.items() if bucket > oldest_kept}
+
+        return window_use(await window("requests"), await window("tokens"), now)

@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
@@ -90,6 +90,14 @@ class Admission:
         return self.refusal is None
 
 
+class WindowUsage(NamedTuple):
+    """What a key used in the sliding window now, and when its oldest charge leaves it."""
+
+    requests: int
+    tokens: int
+    resets_in_seconds: int
+
+
 class QuotaStore(Protocol):
     async def admit(self, key: CallerKey, estimate: Estimate) -> Admission: ...
 
@@ -104,6 +112,8 @@ class QuotaStore(Protocol):
     ) -> None: ...
 
     async def usage_report(self) -> dict: ...
+
+    async def window_usage(self, key: CallerKey) -> WindowUsage: ...
 
     async def close(self) -> None: ...
 
@@ -175,6 +185,11 @@ class MemoryQuota:
         """`{"keys": {name: {deployment: {"requests", "prompt_tokens", "completion_tokens",
         "cost_usd"}}}}`."""
         return _sorted_report(self._usage)
+
+    async def window_usage(self, key: CallerKey) -> WindowUsage:
+        """`key`'s requests and tokens in the current window (counted only for limited keys)."""
+        used = await self.limiter.usage(key.name)
+        return WindowUsage(used.requests, used.tokens, used.frees_in_seconds)
 
     async def close(self) -> None:
         """Nothing to release; here so both stores close the same way."""
@@ -333,6 +348,20 @@ class RedisQuota:
             row[COST_FIELD] = float(counters.get(COST_FIELD, 0))
             usage.setdefault(key_name, {})[deployment] = row
         return _sorted_report(usage)
+
+    async def window_usage(self, key: CallerKey) -> WindowUsage:
+        """`key`'s requests and tokens in the current window, for every process sharing Redis.
+
+        Raises a 503 GatewayError when Redis cannot be reached.
+        """
+        try:
+            used = await self.limiter.usage(key.name)
+        except _REDIS_FAILURES as error:
+            self._redis_failed(error)
+            raise GatewayError(
+                503, "quota_unavailable", "The quotas are unavailable right now."
+            ) from None
+        return WindowUsage(used.requests, used.tokens, used.frees_in_seconds)
 
     async def close(self) -> None:
         """Close the connections to Redis."""

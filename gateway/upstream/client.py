@@ -72,8 +72,10 @@ AnswerT = TypeVar("AnswerT")
 class UpstreamCall:
     """One attempt at a request to Azure, which its owner can abort while it runs."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, trace_headers: Mapping[str, str] | None = None) -> None:
         self.request_id = request_id
+        # W3C trace context for Azure (`traceparent`, `tracestate`), if any.
+        self.trace_headers = trace_headers or {}
         self.abort_reason: str | None = None
         self._stop: Callable[[], object] | None = None
 
@@ -207,6 +209,7 @@ class UpstreamClient:
             **auth_headers,
             "x-request-id": call.request_id,
             "x-ms-client-request-id": call.request_id,
+            **call.trace_headers,
         }
         if body is not None:
             headers["Content-Type"] = "application/json"
