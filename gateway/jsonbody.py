@@ -15,7 +15,8 @@ the caller's bytes: it costs less than proving the bytes unambiguous, and
 leaves nothing for another parser to read differently.
 
 orjson (C) does the parsing and refuses all but the last two itself, with a
-fixed depth limit of its own (1024) and no recursion in Python. It keeps the
+fixed depth limit of its own (1024) and no recursion in Python; its encoder
+stops at 254 levels, which bounds `max_depth` (config.MAX_JSON_DEPTH_LIMIT). It keeps the
 last of repeated keys, so they are found by counting: every key ends with an
 unescaped `"` and a `:` (whitespace between allowed) in the caller's bytes,
 and with an unescaped `":` in orjson's compact encoding, so a body without
@@ -65,12 +66,11 @@ def parse_body(raw: bytes, *, max_depth: int) -> ParsedBody:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise _refusal(raw, error, max_depth) from None
+    if raw.count(b"{") + raw.count(b"[") > max_depth and _depth(document) > max_depth:
+        raise _too_deep(max_depth)
     encoded = orjson.dumps(document)
-    if isinstance(document, (dict, list)):
-        if raw.count(b"{") + raw.count(b"[") > max_depth and _depth(document) > max_depth:
-            raise _too_deep(max_depth)
-        if _key_ends(raw) != _keys_in(encoded):
-            _find_repeated_key(raw)
+    if _key_ends(raw) != _keys_in(encoded):
+        _find_repeated_key(raw)
     return ParsedBody(document, encoded)
 
 
@@ -100,6 +100,9 @@ def _keys_in(encoded: bytes) -> int:
 
 
 def _depth(document: Any) -> int:
+    """How deeply `document` nests, counted without recursion."""
+    if not isinstance(document, (dict, list)):
+        return 0
     deepest = 0
     stack = [(document, 1)]
     while stack:
