@@ -8,6 +8,7 @@ from gateway.errors import (
     map_upstream_status,
     render_envelope,
     render_openai_error,
+    retry_after_delay,
     retry_after_seconds,
 )
 from gateway.httpclient import HTTPTransportError
@@ -88,3 +89,18 @@ def test_our_own_error_object():
             "rule": "maximum",
         }
     }
+
+
+def test_retry_headers_that_are_not_finite_non_negative_numbers_are_ignored():
+    for value in ("inf", "Infinity", "-inf", "nan", "1e400", "-5", "Wed, 21 Oct 2026 07:28:00 GMT"):
+        assert retry_after_delay({"retry-after-ms": value}) is None, value
+        assert retry_after_delay({"retry-after": value}) is None, value
+    assert retry_after_delay({"retry-after-ms": "inf", "retry-after": "3"}) == 3.0
+
+
+def test_the_retry_after_we_send_is_capped():
+    assert retry_after_seconds({"retry-after-ms": "99999999999"}, 60) == 60
+    error = map_upstream_status(429, {"retry-after-ms": "99999999999"}, b"", max_cooldown=60)
+    assert error.headers == {"Retry-After": "60"}
+    error = map_upstream_status(429, {"retry-after-ms": "1e400"}, b"", max_cooldown=60)
+    assert error.status == 429 and error.headers == {} and error.retry_after is None
