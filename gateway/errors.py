@@ -125,7 +125,7 @@ def retry_after_delay(headers: Mapping[str, str]) -> float | None:
 
 
 def retry_after_seconds(headers: Mapping[str, str], max_cooldown: float) -> int | None:
-    """The same wait in whole seconds, rounded up and at most `max_cooldown`, for a Retry-After header."""
+    """The same wait in whole seconds (rounded up, at most `max_cooldown`) for a Retry-After."""
     delay = retry_after_delay(headers)
     return None if delay is None else max(1, math.ceil(min(delay, max_cooldown)))
 

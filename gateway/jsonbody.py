@@ -1,4 +1,4 @@
-"""The one strict reader of JSON request bodies, so that what the gateway checks is what Azure reads.
+"""The one strict reader of JSON request bodies: what the gateway checks is what Azure reads.
 
 RFC 8259 leaves some choices to each parser; a body that depends on one of
 them could mean one thing to the gateway and another to Azure. So a body is
@@ -61,7 +61,7 @@ def encode_body(document: Any) -> bytes:
 
 
 def parse_body(raw: bytes, *, max_depth: int) -> ParsedBody:
-    """The JSON document in `raw` and its encoding, or a 400 GatewayError naming the rule it breaks."""
+    """The document in `raw` and its encoding, or a 400 GatewayError naming the rule it breaks."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
@@ -93,7 +93,7 @@ def _key_ends(raw: bytes) -> int:
 
 
 def _keys_in(encoded: bytes) -> int:
-    """The number of keys in orjson's encoding of a document, or -1 if it cannot be counted exactly."""
+    """The number of keys in orjson's encoding of a document; -1 if it cannot be counted exactly."""
     if any(pattern in encoded for pattern in _OPENS_WITH_COLON):
         return -1
     return encoded.count(b'":') - _escaped_before(encoded, b'":')

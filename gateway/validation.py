@@ -266,7 +266,8 @@ def describe(error: ValidationError) -> tuple[str, str, str]:
         names = [sub["required"][0] for sub in limit]
         return path, "required", f"needs one of the fields {', '.join(map(repr, names))}"
     if rule == "oneOf" and _matches_several(error):
-        return path, rule, f"matches more than one of the allowed forms (got {_shown(error.instance)})"
+        shown = _shown(error.instance)
+        return path, rule, f"matches more than one of the allowed forms (got {shown})"
     words = _PREDICATES.get(rule)
     predicate = words(limit) if words else f"fails the rule {rule!r}"
     if "propertyNames" in error.schema_path:

@@ -45,7 +45,7 @@ CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 
 @stream_request_body
 class BaseHandler(RequestHandler):
-    """Headers, request limits and the error body for the original API's `{"success": ...}` family."""
+    """Headers, request limits and the error body of the original `{"success": ...}` family."""
 
     # The route's name in the access log and metrics.
     route = "other"
@@ -108,7 +108,8 @@ class BaseHandler(RequestHandler):
                 closing_error(
                     408,
                     "body_timeout",
-                    f"The request body did not arrive within {self.context.settings.body_timeout:g} s.",
+                    "The request body did not arrive within "
+                    f"{self.context.settings.body_timeout:g} s.",
                 )
             )
 
@@ -246,7 +247,7 @@ class JsonBodyHandler(BaseHandler):
             self._chunks.clear()
 
     def json_body(self) -> ParsedBody:
-        """The body, a JSON object, or a 4xx naming what is wrong with it (see gateway/jsonbody.py)."""
+        """The body, a JSON object, or a 4xx naming what is wrong with it (gateway/jsonbody.py)."""
         settings = self.context.settings
         if self._received > settings.max_body_size:
             raise GatewayError(
@@ -270,7 +271,7 @@ class JsonBodyHandler(BaseHandler):
 
 
 def header_block_size(request: Any) -> int:
-    """About the size of the request line and header block as sent (the parsed headers, re-counted)."""
+    """About the size of the request line and header block as sent, re-counted from the parse."""
     size = len(request.method) + len(request.uri) + len(request.version) + 4
     for name, value in request.headers.get_all():
         size += len(name) + len(value) + 4
@@ -278,5 +279,5 @@ def header_block_size(request: Any) -> int:
 
 
 def closing_error(status: int, code: str, message: str) -> GatewayError:
-    """An error answered before the request was read to its end, so the connection closes after it."""
+    """An error answered before the request was read to its end: the connection closes after it."""
     return GatewayError(status, code, message, headers={"Connection": "close"})

@@ -3,10 +3,11 @@
 Bodies are drawn from our own schema files (`schema/`, bundled as the
 gateway bundles them), then mutated: wrong types, nulls, huge numbers, deep
 nesting, lone surrogates and odd Unicode, unknown and repeated keys, NaN,
-other encodings, cut or damaged bytes. hypothesis-jsonschema draws bodies
-for these schemas at 40-100 ms each (their `if`/`then` unions), too slow for
-thousands, so `from_our_schema` turns the keywords our files use into plain
-Hypothesis strategies.
+other encodings, cut or damaged bytes. hypothesis-jsonschema 0.23.1 drew
+bodies for these schemas at 40-100 ms each (their `if`/`then` unions; and it
+needs a Hypothesis before 6.170.10), too slow for thousands, so
+`from_our_schema` turns the keywords our files use into plain Hypothesis
+strategies.
 
 The run is derandomized (the same examples on every run) and sized for CI;
 a larger one on demand:
@@ -88,17 +89,21 @@ def from_our_schema(schema: Any) -> st.SearchStrategy[Any]:
         return st.one_of([from_our_schema(merged(rest, sub)) for sub in alternatives])
     if "allOf" in schema:
         base = {key: value for key, value in schema.items() if key != "allOf"}
-        branches = [merged(base, entry.get("if", {}), entry.get("then", {})) for entry in schema["allOf"]]
+        branches = [
+            merged(base, entry.get("if", {}), entry.get("then", {})) for entry in schema["allOf"]
+        ]
         return st.one_of([from_our_schema(branch) for branch in branches])
     if "if" in schema:
         base = {key: value for key, value in schema.items() if key not in ("if", "then", "else")}
-        return from_our_schema(merged(base, schema["if"], schema.get("then", {}))) | from_our_schema(
-            merged(base, schema.get("else", {}))
-        )
+        return from_our_schema(
+            merged(base, schema["if"], schema.get("then", {}))
+        ) | from_our_schema(merged(base, schema.get("else", {})))
     types = schema.get("type")
     if types is None:
         return json_values
-    return st.one_of([_of_type(name, schema) for name in (types if isinstance(types, list) else [types])])
+    return st.one_of(
+        [_of_type(name, schema) for name in (types if isinstance(types, list) else [types])]
+    )
 
 
 def _of_type(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
@@ -118,16 +123,24 @@ def _of_type(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.text(min_size=schema.get("minLength", 0), max_size=12)
     if name == "array":
         low = schema.get("minItems", 0)
-        return st.lists(from_our_schema(schema.get("items")), min_size=low, max_size=min(schema.get("maxItems", 3), low + 2))
+        return st.lists(
+            from_our_schema(schema.get("items")),
+            min_size=low,
+            max_size=min(schema.get("maxItems", 3), low + 2),
+        )
     properties = schema.get("properties", {})
     if not properties:
         keys = from_our_schema({"type": "string", **schema.get("propertyNames", {})})
         extra = schema.get("additionalProperties", True)
-        return st.dictionaries(keys, from_our_schema(extra if isinstance(extra, dict) else {}), max_size=3)
+        return st.dictionaries(
+            keys, from_our_schema(extra if isinstance(extra, dict) else {}), max_size=3
+        )
     required = set(schema.get("required", []))
     return st.fixed_dictionaries(
         {key: from_our_schema(properties.get(key, {})) for key in sorted(required)},
-        optional={key: from_our_schema(value) for key, value in properties.items() if key not in required},
+        optional={
+            key: from_our_schema(value) for key, value in properties.items() if key not in required
+        },
     )
 
 
@@ -138,7 +151,9 @@ def field_names(schema: Any) -> set[str]:
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            names.update(node.get("properties", {}) if isinstance(node.get("properties"), dict) else ())
+            names.update(
+                node.get("properties", {}) if isinstance(node.get("properties"), dict) else ()
+            )
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
@@ -146,7 +161,9 @@ def field_names(schema: Any) -> set[str]:
 
 
 REGISTRY = load_registry()
-SCHEMAS = {name: bundle(f"{name}.schema.json", REGISTRY) for name in ("gpt_chat", "chat_completions")}
+SCHEMAS = {
+    name: bundle(f"{name}.schema.json", REGISTRY) for name in ("gpt_chat", "chat_completions")
+}
 BODIES = {name: from_our_schema(schema) for name, schema in SCHEMAS.items()}
 FIELD_NAMES = sorted(set().union(*map(field_names, SCHEMAS.values())))
 TOP_LEVEL = {name: sorted(schema["properties"]) for name, schema in SCHEMAS.items()}
@@ -183,12 +200,21 @@ def mutated(draw: st.DrawFn, document: Any, top_level: list[str]) -> Any:
             continue
         parent: Any = body
         key = draw(st.sampled_from(sorted(parent))) if parent else None
-        while key is not None and isinstance(parent[key], (dict, list)) and parent[key] and draw(st.booleans()):
+        while (
+            key is not None
+            and isinstance(parent[key], (dict, list))
+            and parent[key]
+            and draw(st.booleans())
+        ):
             parent = parent[key]
-            key = draw(st.sampled_from(sorted(parent) if isinstance(parent, dict) else range(len(parent))))
+            key = draw(
+                st.sampled_from(sorted(parent) if isinstance(parent, dict) else range(len(parent)))
+            )
         action = draw(st.sampled_from(["replace", "remove", "add"]))
         if key is None or (action == "add" and isinstance(parent, dict)):
-            parent[draw(st.sampled_from(FIELD_NAMES) | st.text(max_size=8))] = copy.deepcopy(draw(nasty_values))
+            parent[draw(st.sampled_from(FIELD_NAMES) | st.text(max_size=8))] = copy.deepcopy(
+                draw(nasty_values)
+            )
         elif action == "remove":
             del parent[key]
         else:
@@ -206,15 +232,27 @@ def encoded(draw: st.DrawFn, document: Any) -> bytes:
     """`document` as bytes, mostly as JSON, sometimes broken in one of the ways callers break it."""
     text = json.dumps(document, ensure_ascii=draw(st.booleans()))
     raw = text.encode("utf-8", "surrogatepass")
-    damage = draw(st.sampled_from(["none"] * 6 + ["repeat", "nan", "bom", "utf-16", "utf-32", "cut", "byte"]))
+    damage = draw(
+        st.sampled_from(["none"] * 6 + ["repeat", "nan", "bom", "utf-16", "utf-32", "cut", "byte"])
+    )
     if damage == "repeat" and isinstance(document, dict) and document:
-        return with_repeated_key(raw, document, draw(st.sampled_from([b"true", b"null", b'"gpt-4o-mini"', b"[]"])))
+        return with_repeated_key(
+            raw, document, draw(st.sampled_from([b"true", b"null", b'"gpt-4o-mini"', b"[]"]))
+        )
     if damage == "nan" and isinstance(document, dict):
-        return raw[:-1] + (b"," if document else b"") + b'"temperature":' + draw(st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e400"])) + b"}"
+        return (
+            raw[:-1]
+            + (b"," if document else b"")
+            + b'"temperature":'
+            + draw(st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e400"]))
+            + b"}"
+        )
     if damage == "bom":
         return b"\xef\xbb\xbf" + raw
     if damage in ("utf-16", "utf-32"):
-        return text.encode(draw(st.sampled_from([f"{damage}", f"{damage}-le", f"{damage}-be"])), "surrogatepass")
+        return text.encode(
+            draw(st.sampled_from([f"{damage}", f"{damage}-le", f"{damage}-be"])), "surrogatepass"
+        )
     if damage == "cut" and raw:
         return raw[: draw(st.integers(0, len(raw) - 1))]
     if damage == "byte" and raw:
@@ -252,7 +290,9 @@ class LiveGateway:
             self.server.start()
 
         self.run(listen)
-        self.connection = http.client.HTTPConnection("127.0.0.1", self.server.ports["http"], timeout=REQUEST_TIMEOUT)
+        self.connection = http.client.HTTPConnection(
+            "127.0.0.1", self.server.ports["http"], timeout=REQUEST_TIMEOUT
+        )
 
     def stop(self) -> None:
         self.connection.close()
@@ -265,7 +305,9 @@ class LiveGateway:
     def upstream_calls(self) -> int:
         return len(self.emulator.requests)
 
-    def send(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    def send(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
         try:
             self.connection.request(method, path, body=body, headers=headers)
             response = self.connection.getresponse()
@@ -312,25 +354,47 @@ def test_chat_routes_never_fail_and_never_forward_a_refused_body(live, data):
     schema, path = data.draw(chat_routes)
     document = data.draw(mutated(data.draw(BODIES[schema]), TOP_LEVEL[schema]))
     body = data.draw(encoded(document))
-    content_type = data.draw(st.sampled_from(["application/json"] * 8 + ["application/json; charset=utf-16", "text/plain"]))
+    content_type = data.draw(
+        st.sampled_from(
+            ["application/json"] * 8 + ["application/json; charset=utf-16", "text/plain"]
+        )
+    )
     check(live, "POST", path, body, {"Content-Type": content_type})
 
 
 ROUTE_OF = {"gpt_chat": "/v1/gpt/chat", "chat_completions": "/v1/chat/completions"}
 
 
-@pytest.mark.parametrize("schema, field", [(schema, field) for schema in SCHEMAS for field in TOP_LEVEL[schema]])
+@pytest.mark.parametrize(
+    "schema, field", [(schema, field) for schema in SCHEMAS for field in TOP_LEVEL[schema]]
+)
 @settings(PROPERTY_SETTINGS, max_examples=max(1, EXAMPLES // 100))
 @given(data=st.data())
 def test_each_field_made_wrong_alone_is_refused_cleanly(live, schema, field, data):
     # One wrong field and nothing else: the describer then has to put words to its own keyword.
     document = copy.deepcopy(data.draw(BODIES[schema]))
     document[field] = copy.deepcopy(data.draw(nasty_values))
-    check(live, "POST", ROUTE_OF[schema], json.dumps(document).encode(), {"Content-Type": "application/json"})
+    check(
+        live,
+        "POST",
+        ROUTE_OF[schema],
+        json.dumps(document).encode(),
+        {"Content-Type": "application/json"},
+    )
 
 
 other_routes = st.sampled_from(
-    ["/v1", "/v1/", "/v1/models", "/v1/usage", "/metrics", "/healthz", "/readyz", "/nowhere", "/v1/gpt/chat"]
+    [
+        "/v1",
+        "/v1/",
+        "/v1/models",
+        "/v1/usage",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/nowhere",
+        "/v1/gpt/chat",
+    ]
 )
 
 

@@ -284,7 +284,9 @@ async def test_a_429_with_a_retry_header_that_is_no_number_stays_a_429(gateway, 
 
 
 @pytest.mark.gen_test
-async def test_a_huge_retry_after_rests_a_deployment_no_longer_than_max_cooldown(two_deployments, emulator, emulator_b):
+async def test_a_huge_retry_after_rests_a_deployment_no_longer_than_max_cooldown(
+    two_deployments, emulator, emulator_b
+):
     gateway = two_deployments(MAX_COOLDOWN="45")
     emulator.add_fault(Fault(status=429, headers={"retry-after-ms": "99999999999"}))
     response = await gateway.post("/v1/chat/completions", chat())
@@ -295,7 +297,9 @@ async def test_a_huge_retry_after_rests_a_deployment_no_longer_than_max_cooldown
 
 
 @pytest.mark.gen_test
-async def test_the_retry_after_sent_to_the_caller_is_capped_too(two_deployments, emulator, emulator_b):
+async def test_the_retry_after_sent_to_the_caller_is_capped_too(
+    two_deployments, emulator, emulator_b
+):
     for emu in (emulator, emulator_b):
         emu.add_fault(Fault(status=429, headers={"retry-after-ms": "99999999999"}))
     response = await two_deployments().post("/v1/chat/completions", chat())

@@ -26,7 +26,9 @@ def nested(levels: int) -> bytes:
 
 
 def test_a_plain_body_parses_and_is_encoded_once():
-    parsed = parse_body(b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', max_depth=DEPTH)
+    parsed = parse_body(
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', max_depth=DEPTH
+    )
     assert parsed.document == {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     assert parsed.encoded == b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 

@@ -50,7 +50,11 @@ async def test_a_deep_free_form_field_next_to_a_mistake_is_described(gateway):
 @pytest.mark.parametrize(
     "body, param, words",
     [
-        ({"prompt": "x", "stop": 1}, "stop", "stop must be of type string or null or array (got 1)"),
+        (
+            {"prompt": "x", "stop": 1},
+            "stop",
+            "stop must be of type string or null or array (got 1)",
+        ),
         ({}, None, "needs one of the fields 'prompt', 'userPrompt', 'messages'"),
         (True, None, "must be a JSON object"),
         ({"prompt": "x", "stop": {"a": 1}}, "stop", "must be of type string or null or array"),
@@ -78,7 +82,9 @@ async def test_a_repeated_key_is_refused_by_name(gateway, route):
 @pytest.mark.gen_test
 async def test_a_second_model_cannot_slip_past_a_keys_model_list(tmp_path, emulator, start_gateway):
     # Bob may use gpt-4o only; a parser that takes the first "model" would let the second through.
-    path = write_deployments_file(tmp_path, emulator.url, [{"name": "bob", "key": BOB_KEY, "models": ["gpt-4o"]}])
+    path = write_deployments_file(
+        tmp_path, emulator.url, [{"name": "bob", "key": BOB_KEY, "models": ["gpt-4o"]}]
+    )
     gateway = start_gateway(DEPLOYMENTS_FILE=path)
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}'
     response = await gateway.post("/v1/chat/completions", body, headers={"api-key": BOB_KEY})
@@ -120,7 +126,10 @@ async def test_what_goes_upstream_is_the_document_that_was_checked(gateway):
     response = await gateway.post("/v1/chat/completions", raw)
     assert response.code == 200
     (sent,) = gateway.emulator.requests
-    assert sent.body == (
-        '{"model":"gpt-4o","messages":[{"role":"user","content":"café \\"ok\\""}],'
-        '"temperature":1.0,"max_tokens":10}'
-    ).encode()
+    assert (
+        sent.body
+        == (
+            '{"model":"gpt-4o","messages":[{"role":"user","content":"café \\"ok\\""}],'
+            '"temperature":1.0,"max_tokens":10}'
+        ).encode()
+    )

@@ -71,7 +71,9 @@ async def test_a_slow_body_is_cut_at_the_body_timeout_while_others_are_served(st
     gateway = start_gateway(BODY_TIMEOUT="0.5")
     slow = await RawConnection.open(port_of(gateway))
     await slow.send(
-        request_head("POST", "/v1/gpt/chat", "Content-Type: application/json", "Content-Length: 100")
+        request_head(
+            "POST", "/v1/gpt/chat", "Content-Type: application/json", "Content-Length: 100"
+        )
         + b'{"prompt": "'
     )
     served = await gateway.post("/v1/gpt/chat", {"prompt": "meanwhile"})
@@ -133,7 +135,8 @@ async def test_a_header_block_over_the_limit_gets_a_short_431(gateway):
 
     connection = await RawConnection.open(port_of(gateway))
     await connection.send(
-        request_head("POST", "/v1/chat/completions", "Cookie: " + "c" * 70_000, "Content-Length: 2") + b"{}"
+        request_head("POST", "/v1/chat/completions", "Cookie: " + "c" * 70_000, "Content-Length: 2")
+        + b"{}"
     )
     answer = await connection.answer()
     assert answer.status == 431 and answer.json()["error"]["code"] == "headers_too_large"
