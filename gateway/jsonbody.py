@@ -10,15 +10,16 @@ refused (400 `invalid_json`, the rule named) when it:
 - repeats a key in one object (§4: "the behavior ... is unpredictable");
 - nests arrays and objects deeper than `max_depth`.
 
-What goes upstream is the parsed document encoded once (`encode_body`), never
-the caller's bytes: it costs less than proving the bytes unambiguous, and
-leaves nothing for another parser to read differently.
+What goes upstream is the parsed document encoded once, never the caller's
+bytes: that encoding is made anyway for the repeated-key count below, so
+sending it costs no more than sending the caller's bytes would, and leaves
+nothing for another parser to read differently (bench/README.md has the cost).
 
 orjson (C) does the parsing and refuses all but the last two itself, with a
-fixed depth limit of its own (1024) and no recursion in Python; its encoder
-stops at 254 levels, which bounds `max_depth` (config.MAX_JSON_DEPTH_LIMIT). It keeps the
-last of repeated keys, so they are found by counting: every key ends with an
-unescaped `"` and a `:` (whitespace between allowed) in the caller's bytes,
+depth limit of its own (1024) and no recursion in Python; its encoder stops at
+254 levels, which bounds `max_depth` (config.MAX_JSON_DEPTH_LIMIT). It keeps
+the last of repeated keys, so they are found by counting: every key ends with
+an unescaped `"` and a `:` (whitespace between allowed) in the caller's bytes,
 and with an unescaped `":` in orjson's compact encoding, so a body without
 repeated keys shows as many key ends in both. Counting is a few `bytes.count`
 calls; only when the counts cannot be compared exactly (a string that starts
@@ -43,10 +44,10 @@ _MAX_SHOWN_KEY = 60
 # of a string that starts with a colon). The look-behind and the pairs of
 # backslashes keep to quotes that are not escaped.
 _KEY_END = re.compile(rb'(?<!\\)(?:\\\\)*"[ \t\n\r]*:')
-_QUOTE_THEN_SPACE = (b'" ', b'"\t', b'"\n', b'"\r')
+_QUOTE_THEN_SPACE = re.compile(rb'"[ \t\n\r]')
 # In orjson's compact encoding a string opens after one of `{ [ , :`; one that
 # opens with a colon looks like a key end.
-_OPENS_WITH_COLON = (b'{":', b'[":', b',":', b':":')
+_OPENS_WITH_COLON = re.compile(rb'[{\[,:]":')
 
 
 class ParsedBody(NamedTuple):
@@ -87,16 +88,18 @@ def _escaped_before(text: bytes, tail: bytes) -> int:
 
 def _key_ends(raw: bytes) -> int:
     """At least the number of keys in `raw`, counting repeats: each key's end matches once."""
-    if any(pattern in raw for pattern in _QUOTE_THEN_SPACE):
+    if _QUOTE_THEN_SPACE.search(raw):
         return len(_KEY_END.findall(raw))
-    return raw.count(b'":') - _escaped_before(raw, b'":')
+    escaped = _escaped_before(raw, b'":') if b'\\":' in raw else 0
+    return raw.count(b'":') - escaped
 
 
 def _keys_in(encoded: bytes) -> int:
     """The number of keys in orjson's encoding of a document; -1 if it cannot be counted exactly."""
-    if any(pattern in encoded for pattern in _OPENS_WITH_COLON):
+    if _OPENS_WITH_COLON.search(encoded):
         return -1
-    return encoded.count(b'":') - _escaped_before(encoded, b'":')
+    escaped = _escaped_before(encoded, b'":') if b'\\":' in encoded else 0
+    return encoded.count(b'":') - escaped
 
 
 def _depth(document: Any) -> int:

@@ -75,12 +75,15 @@ class BaseHandler(RequestHandler):
         return self.context.settings.max_other_body_size
 
     def _refuse_body(self, size: int) -> None:
-        # Answered before the body is read: Tornado discards what arrives until
-        # it closes the connection, once the answer is written. Without this
-        # raise of its own limit, a length past it would make Tornado write a
-        # bare 400 after our answer.
+        """Answer a declared body over the limit at once, before any of it is read."""
+        # Tornado discards what arrives until it closes the connection, once the
+        # answer is written; its own limit is raised to the declared length, as
+        # past that it would write a bare 400 after our answer.
         self.request.connection.set_max_body_size(max(size, self.body_limit()))
-        raise closing_error(
+        raise self._body_too_large()
+
+    def _body_too_large(self) -> GatewayError:
+        return closing_error(
             413,
             "body_too_large",
             f"This route takes no request body over {self.body_limit()} bytes.",
@@ -89,13 +92,7 @@ class BaseHandler(RequestHandler):
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
         if self._received > self.body_limit() and not self._finished:
-            self.fail_now(
-                closing_error(
-                    413,
-                    "body_too_large",
-                    f"This route takes no request body over {self.body_limit()} bytes.",
-                )
-            )
+            self.fail_now(self._body_too_large())  # a chunked body: no length was declared
 
     def fail_now(self, error: GatewayError) -> None:
         """Answer with `error` from outside the verb method (a timer, a body chunk)."""
