@@ -46,8 +46,10 @@ log = logging.getLogger("azure-gpt-api")
 # Bodies over MAX_BODY_SIZE are read and dropped so the caller gets a 413;
 # past this much, Tornado cuts the connection instead of reading on.
 DISCARD_BODY_LIMIT = 64 * 1024 * 1024
-# How long an idle keep-alive connection from a caller stays open.
-KEEP_ALIVE_TIMEOUT = 65.0
+# Tornado reads a header block up to this many times MAX_HEADER_SIZE, so one
+# over the limit is still answered with a 431 (handlers/base.py); past that it
+# closes the connection without an answer, as it must stop reading somewhere.
+HEADER_READ_FACTOR = 4
 EMULATOR_DEPLOYMENT = "gpt-4o"
 EMULATOR_API_VERSION = "2024-10-21"
 
@@ -62,7 +64,7 @@ class JsonOnlyGzip(GZipContentEncoding):
 def make_app(settings: Settings) -> Application:
     """Build the application and everything its handlers share."""
     registry = load_registry()
-    pool = DeploymentPool(settings.deployments)
+    pool = DeploymentPool(settings.deployments, max_cooldown=settings.max_cooldown)
     metrics = Metrics(CollectorRegistry())
     quota = (
         RedisQuota(
@@ -122,7 +124,10 @@ class GatewayServer:
             self.app,
             ssl_options=ssl_options,
             max_body_size=max(DISCARD_BODY_LIMIT, self.settings.max_body_size),
-            idle_connection_timeout=KEEP_ALIVE_TIMEOUT,
+            max_header_size=HEADER_READ_FACTOR * self.settings.max_header_size,
+            # Also how long Tornado waits for a request's headers; it closes
+            # the connection then, as no request has begun to be answered.
+            idle_connection_timeout=self.settings.keep_alive_timeout,
         )
         # SO_REUSEPORT lets several PM2 instances share one port.
         sockets = bind_sockets(port, self.settings.host, reuse_port=True)

@@ -36,6 +36,16 @@ DEFAULT_STREAM_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_RETRY_WAIT = 10.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_MAX_COOLDOWN = 60.0
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_KEEP_ALIVE_TIMEOUT = 65.0
+DEFAULT_MAX_HEADER_SIZE = 64 * 1024
+DEFAULT_MAX_OTHER_BODY_SIZE = 4 * 1024
+# Real chat bodies stay far below: the deepest request examples in Azure's
+# 2024-10-21 spec nest 6 levels, the deepest in OpenAI's (a tool's parameter
+# schema) 8. The limit on the limit is orjson's encoder's (gateway/jsonbody.py).
+DEFAULT_MAX_JSON_DEPTH = 64
+MAX_JSON_DEPTH_LIMIT = 254
 DEFAULT_CORS_ORIGINS = ("*",)
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -55,6 +65,11 @@ class Settings:
     ssl_key: str | None = None
     parameter_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    max_other_body_size: int = DEFAULT_MAX_OTHER_BODY_SIZE
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
     max_clients: int = DEFAULT_MAX_CLIENTS
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
@@ -62,6 +77,7 @@ class Settings:
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT
+    max_cooldown: float = DEFAULT_MAX_COOLDOWN
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     log_format: str = "json"
@@ -203,6 +219,11 @@ _SERVER_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType
         "SSL_CERT": ("ssl_cert", _existing_file),
         "SSL_KEY": ("ssl_key", _existing_file),
         "MAX_BODY_SIZE": ("max_body_size", _integer(1)),
+        "MAX_OTHER_BODY_SIZE": ("max_other_body_size", _integer(0)),
+        "MAX_JSON_DEPTH": ("max_json_depth", _integer(1, MAX_JSON_DEPTH_LIMIT)),
+        "MAX_HEADER_SIZE": ("max_header_size", _integer(1024)),
+        "BODY_TIMEOUT": ("body_timeout", _seconds),
+        "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _seconds),
         "MAX_CLIENTS": ("max_clients", _integer(1)),
         "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
         "FIRST_BYTE_TIMEOUT": ("first_byte_timeout", _seconds),
@@ -210,6 +231,7 @@ _SERVER_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType
         "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _seconds),
         "MAX_ATTEMPTS": ("max_attempts", _integer(1, 10)),
         "MAX_RETRY_WAIT": ("max_retry_wait", _non_negative_seconds),
+        "MAX_COOLDOWN": ("max_cooldown", _seconds),
         "DRAIN_TIMEOUT": ("drain_timeout", _seconds),
         "CORS_ORIGINS": ("cors_origins", _origins),
         "LOG_FORMAT": ("log_format", _log_format),

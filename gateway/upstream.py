@@ -137,7 +137,12 @@ class UpstreamClient:
         if isinstance(outcome, HTTPTransportError):
             raise map_transport_error(outcome)
         if outcome.code != 200:
-            raise map_upstream_status(outcome.code, outcome.headers, outcome.body or b"")
+            raise map_upstream_status(
+                outcome.code,
+                outcome.headers,
+                outcome.body or b"",
+                max_cooldown=self._settings.max_cooldown,
+            )
         try:
             document = json.loads(outcome.body)
         except ValueError:
@@ -161,9 +166,7 @@ class UpstreamClient:
         GatewayError (the handler answers with a normal error response, or
         fails over); after it, the failure goes to `sink.fail` as one last event.
         """
-        relay = _StreamRelay(
-            sink, call, self._settings.first_byte_timeout, self._settings.stream_idle_timeout
-        )
+        relay = _StreamRelay(sink, call, self._settings)
         request = self.build_request(
             deployment,
             body,
@@ -183,13 +186,12 @@ class UpstreamClient:
 class _StreamRelay:
     """The per-stream state behind `UpstreamClient.stream`."""
 
-    def __init__(
-        self, sink: StreamSink, call: UpstreamCall, first_byte_timeout: float, idle_timeout: float
-    ) -> None:
+    def __init__(self, sink: StreamSink, call: UpstreamCall, settings: Settings) -> None:
         self.sink = sink
         self.call = call
-        self.first_byte_timeout = first_byte_timeout
-        self.idle_timeout = idle_timeout
+        self.first_byte_timeout = settings.first_byte_timeout
+        self.idle_timeout = settings.stream_idle_timeout
+        self.max_cooldown = settings.max_cooldown
         self.status: int | None = None
         self._header_lines: list[str] = []
         self._headers: HTTPHeaders | None = None
@@ -292,7 +294,12 @@ class _StreamRelay:
         if transport_error is not None:
             return map_transport_error(transport_error)
         if self.status != 200:
-            return map_upstream_status(self.status or 502, self.headers, bytes(self.error_body))
+            return map_upstream_status(
+                self.status or 502,
+                self.headers,
+                bytes(self.error_body),
+                max_cooldown=self.max_cooldown,
+            )
         if not self.done:
             return GatewayError(
                 502,

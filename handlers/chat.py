@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -18,6 +17,7 @@ from gateway.chat import (
 )
 from gateway.deployments import Deployment
 from gateway.errors import GatewayError, render_envelope
+from gateway.jsonbody import encode_body
 from gateway.keys import CallerKey
 from gateway.quota import ANONYMOUS
 from gateway.sse import encode_event, usage_in
@@ -29,10 +29,6 @@ from .base import JsonBodyHandler
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Upstream response headers worth passing to the caller.
 RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
-
-
-def compact_json(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 class ChatProxyHandler(JsonBodyHandler):
@@ -69,6 +65,7 @@ class ChatProxyHandler(JsonBodyHandler):
         self.set_header(name, value)
 
     def on_finish(self) -> None:
+        super().on_finish()
         if getattr(self, "_counted", False):
             self._counted = False
             self.context.in_flight.leave()
@@ -76,6 +73,9 @@ class ChatProxyHandler(JsonBodyHandler):
                 self.context.metrics.streams_in_flight.dec()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if self._finished:
+            return  # answered already (a 408 or 413 before the body was in), not gone
         self.caller_gone = True
         if self.call is not None:
             self.call.abort("client_gone")
@@ -93,10 +93,11 @@ class ChatProxyHandler(JsonBodyHandler):
     async def post(self, *path_args: str) -> None:
         self.caller = self.context.keyring.authenticate(self.request.headers)
         request = self.json_body()
-        body, model = self.upstream_body(request, *path_args)
+        body, model = self.upstream_body(request.document, *path_args)
         candidates = self.allowed_candidates(model)
         await self.admit()
-        response = await self.relay(body, body is request, candidates)
+        as_sent = request.encoded if body is request.document else None
+        response = await self.relay(body, as_sent, candidates)
         if response is not None:
             self.usage = response.document.get("usage")
             self.upstream_status = response.status
@@ -140,13 +141,14 @@ class ChatProxyHandler(JsonBodyHandler):
             )
 
     async def relay(
-        self, body: dict[str, Any], as_sent: bool, candidates: tuple[Deployment, ...]
+        self, body: dict[str, Any], as_sent: bytes | None, candidates: tuple[Deployment, ...]
     ) -> UpstreamResponse | None:
         """Send `body` to one of `candidates`, failing over by the routing rules.
 
-        `as_sent`: `body` is the caller's own, so its bytes can go upstream
-        unchanged. A stream is relayed to the caller as it arrives (None is
-        returned); a non-stream answer is returned for the route to shape.
+        `as_sent`: `body` is the caller's own, already encoded (by the strict
+        reader, from the document it checked). A stream is relayed to the
+        caller as it arrives (None is returned); a non-stream answer is
+        returned for the route to shape.
         """
         stream = bool(body.get("stream"))
         self.wants_stream_usage = caller_wants_stream_usage(body)
@@ -156,9 +158,9 @@ class ChatProxyHandler(JsonBodyHandler):
             """The upstream bytes, made once each: with our usage request, or as given."""
             if ask_usage not in encoded:
                 if ask_usage:
-                    encoded[ask_usage] = compact_json(with_stream_usage(body))
+                    encoded[ask_usage] = encode_body(with_stream_usage(body))
                 else:
-                    encoded[ask_usage] = self.raw_body if as_sent else compact_json(body)
+                    encoded[ask_usage] = as_sent if as_sent is not None else encode_body(body)
             return encoded[ask_usage]
 
         async def attempt(deployment: Deployment) -> UpstreamResponse | None:

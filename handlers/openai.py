@@ -1,8 +1,9 @@
 """Routes shaped like OpenAI's and Azure's own, so the official SDKs work unchanged.
 
-The caller's body goes upstream byte for byte once it has passed the schema
-(except that a stream also asks Azure for its usage event, which the caller
-then sees only if it asked), and Azure's JSON or event bytes come back
+The caller's body goes upstream as the document the schema checked, encoded
+once by the strict reader (gateway/jsonbody.py), except that a stream also
+asks Azure for its usage event, which the caller then sees only if it
+asked; Azure's JSON or event bytes come back
 unchanged: no `success` field, errors in the `{"error": {...}}` shape the SDKs parse.
 """
 
