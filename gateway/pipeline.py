@@ -21,7 +21,6 @@ and renders a raised GatewayError with the face.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from gateway.encoding import compact_json
 from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
+from gateway.jsonbody import ParsedBody, parse_body
 from gateway.ops.metrics import Metrics
 from gateway.policy.deployments import Deployment
 from gateway.policy.failover import Failover
@@ -155,8 +155,9 @@ class InFlight:
         return True
 
 
-def read_json_body(inbound: Inbound, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx naming what is wrong with it."""
+def read_json_body(inbound: Inbound, limit: int, max_depth: int) -> ParsedBody:
+    """The body, a JSON object, by the strict reader (gateway/jsonbody.py); or a 4xx
+    naming what is wrong with it."""
     if inbound.body_size > limit:
         raise GatewayError(
             413, "body_too_large", f"The request body exceeds the limit of {limit} bytes."
@@ -170,24 +171,20 @@ def read_json_body(inbound: Inbound, limit: int) -> dict[str, Any]:
             f"Content-Type {media_type or '(empty)'} is not supported; "
             "send the body as application/json.",
         )
-    try:
-        body = json.loads(inbound.body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise GatewayError(
-            400, "invalid_json", f"The request body is not valid JSON ({error})."
-        ) from None
-    if not isinstance(body, dict):
+    body = parse_body(inbound.body, max_depth=max_depth)
+    if not isinstance(body.document, dict):
         raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
     return body
 
 
 class UpstreamBody:
-    """The bytes sent upstream, made once each: as the caller sent them, or with our
-    request for a stream's usage event (so its tokens can be counted)."""
+    """The bytes sent upstream, made once each: the document as the strict reader
+    encoded it, or with our request for a stream's usage event (so its tokens can
+    be counted)."""
 
-    def __init__(self, body: dict[str, Any], raw: bytes | None) -> None:
+    def __init__(self, body: dict[str, Any], encoded: bytes | None) -> None:
         self.body = body
-        self._raw = raw  # the caller's own bytes, when `body` is theirs unchanged
+        self._as_read = encoded  # the reader's encoding, when `body` is the caller's unchanged
         self._encoded: dict[bool, bytes] = {}
 
     def encoded(self, ask_usage: bool) -> bytes:
@@ -195,7 +192,7 @@ class UpstreamBody:
             if ask_usage:
                 self._encoded[ask_usage] = compact_json(with_stream_usage(self.body))
             else:
-                self._encoded[ask_usage] = self._raw or compact_json(self.body)
+                self._encoded[ask_usage] = self._as_read or compact_json(self.body)
         return self._encoded[ask_usage]
 
 
@@ -227,12 +224,15 @@ class Pipeline:
         """Serve one request; a failure is raised as GatewayError, for the face to render."""
         try:
             record.caller = self.keyring.authenticate(inbound.headers)
-            request = read_json_body(inbound, self.settings.max_body_size)
+            parsed = read_json_body(
+                inbound, self.settings.max_body_size, self.settings.max_json_depth
+            )
+            request = parsed.document
             face.check_query(inbound.query)
             self.validators[face.schema].validate(request)
             model = face.model(request, inbound.path_args)
             if face.build_body is None:
-                body = UpstreamBody(request, inbound.body)
+                body = UpstreamBody(request, parsed.encoded)
             else:
                 body = UpstreamBody(
                     face.build_body(request, self.settings.parameter_defaults), None

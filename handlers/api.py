@@ -73,11 +73,15 @@ class ApiHandler(BodyReadingHandler):
             self.finish()
 
     def on_finish(self) -> None:
+        super().on_finish()
         if getattr(self, "_counted", False):
             self._counted = False
             self.pipeline.in_flight.leave()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if self._finished:
+            return  # answered already (a 408 or 413 before the body was in), not gone
         self.record.caller_left()
         self.on_finish()
 

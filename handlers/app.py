@@ -40,7 +40,7 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         )
     else:
         quota = MemoryQuota(clock=clock)
-    pool = DeploymentPool(settings.deployments)
+    pool = DeploymentPool(settings.deployments, max_cooldown=settings.max_cooldown)
     return Pipeline(
         settings=settings,
         upstream=UpstreamClient(settings),
