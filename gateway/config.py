@@ -36,6 +36,10 @@ from gateway.upstream.auth import auth_from_settings
 from gateway.upstream.httpclient import parse_proxy_url
 
 DEFAULT_ENV_FILE = ".env"
+# MAX_JSON_DEPTH's own bound: orjson's encoder stops at 254 levels (gateway/jsonbody.py).
+# Real chat bodies stay far below: the deepest request examples in Azure's
+# 2024-10-21 spec nest 6 levels, the deepest in OpenAI's (a tool's parameter schema) 8.
+MAX_JSON_DEPTH_LIMIT = 254
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -378,6 +382,41 @@ class Settings:
     max_body_size: int = setting(
         "MAX_BODY_SIZE", _integer(1), "request body limit in bytes (413 beyond)", 1024 * 1024
     )
+    max_other_body_size: int = setting(
+        "MAX_OTHER_BODY_SIZE",
+        _integer(0),
+        "body limit in bytes on routes that take no JSON body (`GET`s, unknown paths): refused "
+        "at once with a 413, without reading it, and the connection closed",
+        4 * 1024,
+    )
+    max_json_depth: int = setting(
+        "MAX_JSON_DEPTH",
+        _integer(1, MAX_JSON_DEPTH_LIMIT),
+        "deepest nesting of arrays and objects in a body (1 to 254; 400 beyond). The deepest "
+        "request examples in Azure's and OpenAI's specs nest 6 and 8 levels",
+        64,
+    )
+    max_header_size: int = setting(
+        "MAX_HEADER_SIZE",
+        _integer(1024),
+        "bytes of request line and headers (431 beyond, with a short body; past 4 × this the "
+        "connection is closed unanswered, as reading must stop somewhere)",
+        64 * 1024,
+    )
+    body_timeout: float = setting(
+        "BODY_TIMEOUT",
+        _seconds,
+        "s, from the end of a request's headers to the end of its body: a slow or missing body "
+        "gets a 408 and the connection is closed",
+        30.0,
+    )
+    keep_alive_timeout: float = setting(
+        "KEEP_ALIVE_TIMEOUT",
+        _seconds,
+        "s, an idle keep-alive connection stays open; also how long a request's headers may "
+        "take (then the connection is closed, as there is no request to answer)",
+        65.0,
+    )
     max_clients: int = setting(
         "MAX_CLIENTS",
         _integer(1),
@@ -427,6 +466,13 @@ class Settings:
         "within a priority group: `weighted` by `weight`, or `least-busy` (fewest requests in "
         "flight)",
         "weighted",
+    )
+    max_cooldown: float = setting(
+        "MAX_COOLDOWN",
+        _seconds,
+        "s, the longest a deployment rests after a failure, whatever Azure's `retry-after-ms` "
+        "says; also caps the `Retry-After` passed to callers",
+        60.0,
     )
     drain_timeout: float = setting(
         "DRAIN_TIMEOUT",

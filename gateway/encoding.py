@@ -1,17 +1,21 @@
-"""JSON as the gateway writes it: compact, with one encoder built once.
+"""JSON as the gateway writes it: compact, by one encoder (orjson).
 
-`json.dumps` with options builds a new encoder on every call; bodies, events
-and access-log lines all go through this one instead.
+Bodies sent upstream (gateway/jsonbody.py), answers, stream events and
+access-log lines all go through `compact_json`.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-encode_compact = json.JSONEncoder(separators=(",", ":")).encode
+import orjson
 
 
 def compact_json(payload: Any) -> bytes:
-    """`payload` as compact JSON bytes (no spaces after separators)."""
-    return encode_compact(payload).encode()
+    """`payload` as compact JSON bytes (UTF-8, no spaces)."""
+    return orjson.dumps(payload)
+
+
+def compact_json_text(payload: Any) -> str:
+    """The same, as text (for log lines)."""
+    return orjson.dumps(payload).decode()

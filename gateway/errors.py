@@ -113,7 +113,12 @@ def render_openai_error(error: GatewayError) -> dict[str, Any]:
 
 
 def retry_after_delay(headers: Mapping[str, str]) -> float | None:
-    """Seconds Azure asks us to wait: `retry-after-ms` (preferred) or `retry-after`."""
+    """Seconds Azure asks us to wait: `retry-after-ms` (preferred) or `retry-after`.
+
+    These headers are input like any other: a value that is not a finite,
+    non-negative number (`inf`, `nan`, `1e400`, `-1`, an HTTP date) is
+    ignored, and the backoff decides. The caller caps what is left.
+    """
     for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         raw = headers.get(name)
         if raw is None:
@@ -122,15 +127,9 @@ def retry_after_delay(headers: Mapping[str, str]) -> float | None:
             value = float(raw) / scale
         except ValueError:
             continue
-        if value >= 0:
+        if math.isfinite(value) and value >= 0:
             return value
     return None
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> int | None:
-    """The same wait in whole seconds, rounded up, for a Retry-After header."""
-    delay = retry_after_delay(headers)
-    return None if delay is None else max(1, math.ceil(delay))
 
 
 def retry_after_headers(delay: float | None) -> dict[str, str] | None:
@@ -153,16 +152,24 @@ def _parse_error_object(body: bytes) -> dict[str, Any] | None:
     return None
 
 
-def map_upstream_status(status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
-    """Turn a non-200 answer from Azure into the error the caller gets."""
+def map_upstream_status(
+    status: int, headers: Mapping[str, str], body: bytes, *, max_cooldown: float
+) -> GatewayError:
+    """Turn a non-200 answer from Azure into the error the caller gets.
+
+    `max_cooldown` caps the Retry-After passed on to the caller, as it caps
+    how long a deployment rests (`DeploymentPool.cool_down`).
+    """
     upstream = _parse_error_object(body)
     upstream_message = str((upstream or {}).get("message") or "").strip()
     if status == 429:
+        delay = retry_after_delay(headers)
+        wait = None if delay is None else min(delay, max_cooldown)
         return GatewayError(
             429,
             str((upstream or {}).get("code") or "rate_limited"),
             upstream_message or "Azure OpenAI rate limit reached; retry later.",
-            headers=retry_after_headers(retry_after_delay(headers)),
+            headers=retry_after_headers(wait),
             upstream_error=upstream,
             upstream_status=status,
             upstream_headers=headers,

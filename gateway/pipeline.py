@@ -32,7 +32,6 @@ and renders a raised GatewayError with the face.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -46,6 +45,7 @@ from gateway.errors import GatewayError
 from gateway.faces import Face
 from gateway.gpt_chat import caller_wants_stream_usage, supports_stream_usage, with_stream_usage
 from gateway.holders import NOT_HELD, Holders, response_not_found
+from gateway.jsonbody import ParsedBody, parse_body
 from gateway.ops import genai
 from gateway.ops.admin import RecentAttempts
 from gateway.ops.metrics import Metrics
@@ -215,8 +215,9 @@ class InFlight:
         return True
 
 
-def read_json_body(inbound: Inbound, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx naming what is wrong with it."""
+def read_json_body(inbound: Inbound, limit: int, max_depth: int) -> ParsedBody:
+    """The body, a JSON object, by the strict reader (gateway/jsonbody.py); or a 4xx
+    naming what is wrong with it."""
     if inbound.body_size > limit:
         raise GatewayError(
             413, "body_too_large", f"The request body exceeds the limit of {limit} bytes."
@@ -230,26 +231,21 @@ def read_json_body(inbound: Inbound, limit: int) -> dict[str, Any]:
             f"Content-Type {media_type or '(empty)'} is not supported; "
             "send the body as application/json.",
         )
-    try:
-        body = json.loads(inbound.body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise GatewayError(
-            400, "invalid_json", f"The request body is not valid JSON ({error})."
-        ) from None
-    if not isinstance(body, dict):
+    body = parse_body(inbound.body, max_depth=max_depth)
+    if not isinstance(body.document, dict):
         raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
     return body
 
 
 class UpstreamBody:
-    """The bytes sent upstream, made once each: as the caller sent them, with our
-    request for a stream's usage event (so its tokens can be counted), and with
-    `model` set to the Azure deployment's name where the URL does not name it
-    (Azure's v1 API, the Responses API)."""
+    """The bytes sent upstream, made once each: the document as the strict reader
+    encoded it, with our request for a stream's usage event (so its tokens can be
+    counted), and with `model` set to the Azure deployment's name where the URL does
+    not name it (Azure's v1 API, the Responses API)."""
 
-    def __init__(self, body: dict[str, Any], raw: bytes | None) -> None:
+    def __init__(self, body: dict[str, Any], encoded: bytes | None) -> None:
         self.body = body
-        self._raw = raw  # the caller's own bytes, when `body` is theirs unchanged
+        self._as_read = encoded  # the reader's encoding, when `body` is the caller's unchanged
         self._encoded: dict[tuple[bool, str | None], bytes] = {}
 
     def encoded(self, ask_usage: bool, model: str | None = None) -> bytes:
@@ -261,7 +257,7 @@ class UpstreamBody:
             if ask_usage:
                 self._encoded[key] = compact_json(with_stream_usage(body))
             elif model is None:
-                self._encoded[key] = self._raw or compact_json(body)
+                self._encoded[key] = self._as_read or compact_json(body)
             else:
                 self._encoded[key] = compact_json(body)
         return self._encoded[key]
@@ -355,16 +351,20 @@ class Pipeline:
         try:
             record.caller = await self.callers.authenticate(inbound.headers)
             request: dict[str, Any] = {}
+            parsed: ParsedBody | None = None
             if face.reads_body:
-                request = read_json_body(inbound, self.settings.max_body_size)
+                parsed = read_json_body(
+                    inbound, self.settings.max_body_size, self.settings.max_json_depth
+                )
+                request = parsed.document
             face.check_query(inbound.query)
             if face.reads_body:
                 self.validators[face.schema].validate(request)
             model = face.model(request, inbound.path_args)
             body: UpstreamBody | None = None
-            if face.reads_body and face.build_body is None:
-                body = UpstreamBody(request, inbound.body)
-            elif face.reads_body and face.build_body is not None:
+            if parsed is not None and face.build_body is None:
+                body = UpstreamBody(request, parsed.encoded)
+            elif parsed is not None and face.build_body is not None:
                 body = UpstreamBody(
                     face.build_body(request, self.settings.parameter_defaults), None
                 )

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import fastjsonschema
+import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
@@ -206,55 +207,121 @@ def field_path(parts: Iterable[Any]) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value, default=str)
+    """`value` as JSON, cut short: the error names it, it does not echo it."""
+    try:
+        text = orjson.dumps(value)[: _MAX_SHOWN_VALUE + 1].decode(errors="ignore")
+    except orjson.JSONEncodeError:  # nested past orjson's limit: say what it is
+        text = type(value).__name__
     return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
+
+
+def _types(value: Any) -> str:
+    return " or ".join(value) if isinstance(value, list) else str(value)
+
+
+def _values(value: Any) -> str:
+    return ", ".join(_shown(item) for item in value) if isinstance(value, list) else _shown(value)
+
+
+def _min_length(value: Any) -> str:
+    return "must not be empty" if value == 1 else f"must have at least {value} characters"
+
+
+# What each keyword's failure says, built from the keyword's value only when
+# that keyword failed.
+_PREDICATES: dict[str, Callable[[Any], str]] = {
+    "minimum": lambda limit: f"must be >= {limit}",
+    "maximum": lambda limit: f"must be <= {limit}",
+    "exclusiveMinimum": lambda limit: f"must be > {limit}",
+    "exclusiveMaximum": lambda limit: f"must be < {limit}",
+    "multipleOf": lambda limit: f"must be a multiple of {limit}",
+    "minLength": _min_length,
+    "maxLength": lambda limit: f"must have at most {limit} characters",
+    "minItems": lambda limit: f"must have at least {limit} item(s)",
+    "maxItems": lambda limit: f"must have at most {limit} item(s)",
+    "uniqueItems": lambda limit: "must not repeat an item",
+    "minProperties": lambda limit: f"must have at least {limit} field(s)",
+    "maxProperties": lambda limit: f"must have at most {limit} field(s)",
+    "type": lambda limit: f"must be of type {_types(limit)}",
+    "enum": lambda limit: f"must be one of {_values(limit)}",
+    "const": lambda limit: f"must be {_shown(limit)}",
+    "pattern": lambda limit: f"must match the pattern {limit}",
+    "format": lambda limit: f"must be a valid {limit}",
+    "not": lambda limit: "must not match the schema it is excluded by",
+    "anyOf": lambda alternatives: _one_of_forms(alternatives),
+    "oneOf": lambda alternatives: _one_of_forms(alternatives),
+}
+
+
+def _one_of_forms(alternatives: Any) -> str:
+    """For an anyOf/oneOf that no branch's type admits: the types the branches allow."""
+    if isinstance(alternatives, list) and all(
+        isinstance(sub, dict) and "type" in sub for sub in alternatives
+    ):
+        allowed: list[str] = []
+        for sub in alternatives:
+            for name in sub["type"] if isinstance(sub["type"], list) else [sub["type"]]:
+                if name not in allowed:
+                    allowed.append(name)
+        return f"must be of type {' or '.join(allowed)}"
+    count = len(alternatives) if isinstance(alternatives, list) else 0
+    return f"must match one of the {count} allowed forms"
+
+
 def describe(error: ValidationError) -> tuple[str, str, str]:
-    """(field path, rule keyword, predicate) for one error: ("temperature", "maximum", "must be <= 2 (got 3)")."""
+    """(field path, rule keyword, predicate) for one error: ("temperature", "maximum", "must be <= 2 (got 3)").
+
+    Only the failing keyword is described; any keyword a schema can use gets
+    an answer (a generic one for those this module has no words for).
+    """
     path = field_path(error.absolute_path)
     rule = str(error.validator)
     limit = error.validator_value
-    if rule == "additionalProperties":
+    if rule == "additionalProperties" and isinstance(error.instance, dict):
         allowed = error.schema.get("properties", {})
         unknown = sorted(name for name in error.instance if name not in allowed)
-        names = ", ".join(repr(name) for name in unknown)
-        return (
-            field_path([*error.absolute_path, unknown[0]]),
-            rule,
-            f"has unknown field {names} (check the spelling)",
-        )
-    if rule == "required":
+        if unknown:
+            names = ", ".join(repr(_cut(name)) for name in unknown[:5])
+            return (
+                field_path([*error.absolute_path, _cut(unknown[0])]),
+                rule,
+                f"has unknown field {names} (check the spelling)",
+            )
+    if rule == "required" and isinstance(error.instance, dict) and isinstance(limit, list):
         missing = [name for name in limit if name not in error.instance]
-        return (
-            field_path([*error.absolute_path, missing[0]]),
-            rule,
-            f"is missing the required field {missing[0]!r}",
-        )
-    if rule in ("anyOf", "oneOf") and _alternatives_are_required(error):
+        if missing:
+            return (
+                field_path([*error.absolute_path, missing[0]]),
+                rule,
+                f"is missing the required field {missing[0]!r}",
+            )
+    if rule in ("anyOf", "oneOf") and _alternatives_are_required(limit):
         alternatives = [sub["required"][0] for sub in limit]
         return path, "required", f"needs one of the fields {', '.join(map(repr, alternatives))}"
-    predicates = {
-        "minimum": f"must be >= {limit}",
-        "maximum": f"must be <= {limit}",
-        "exclusiveMinimum": f"must be > {limit}",
-        "exclusiveMaximum": f"must be < {limit}",
-        "minLength": "must not be empty"
-        if limit == 1
-        else f"must have at least {limit} characters",
-        "maxLength": f"must have at most {limit} characters",
-        "minItems": f"must have at least {limit} item(s)",
-        "maxItems": f"must have at most {limit} item(s)",
-        "type": f"must be of type {' or '.join(limit) if isinstance(limit, list) else limit}",
-        "enum": f"must be one of {', '.join(map(json.dumps, limit))}"
-        if isinstance(limit, list)
-        else "",
-        "const": f"must be {json.dumps(limit)}",
-        "pattern": f"must match the pattern {limit}",
-    }
-    predicate = predicates.get(rule) or f"fails the rule {rule!r}"
+    if rule == "oneOf" and _matches_several(error):
+        shown = _shown(error.instance)
+        return path, rule, f"matches more than one of the allowed forms (got {shown})"
+    words = _PREDICATES.get(rule)
+    predicate = words(limit) if words else f"fails the rule {rule!r}"
+    if "propertyNames" in error.schema_path:
+        predicate = f"has a field name that {predicate}"
     return path, rule, f"{predicate} (got {_shown(error.instance)})"
 
 
-def _alternatives_are_required(error: ValidationError) -> bool:
-    return all(set(sub) == {"required"} for sub in error.validator_value)
+def _alternatives_are_required(alternatives: Any) -> bool:
+    return isinstance(alternatives, list) and all(
+        isinstance(sub, dict)
+        and set(sub) == {"required"}
+        and isinstance(sub["required"], list)
+        and len(sub["required"]) == 1
+        for sub in alternatives
+    )
+
+
+def _matches_several(error: ValidationError) -> bool:
+    # jsonschema reports a oneOf that several branches accept without sub-errors.
+    return not error.context

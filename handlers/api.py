@@ -56,8 +56,6 @@ class ApiHandler(BodyReadingHandler):
             trace=tracer.request(self.request.method or "POST", route, self.request.headers),
         )
         self.set_header("x-request-id", self.request_id)
-        if self.request.method not in (self.face.method, "OPTIONS"):
-            raise HTTPError(405)
 
     async def post(self, *path_args: str) -> None:
         await self.serve(path_args)
@@ -69,6 +67,10 @@ class ApiHandler(BodyReadingHandler):
         await self.serve(path_args)
 
     async def serve(self, path_args: tuple[str, ...]) -> None:
+        # Refused here, once the body is in, not in prepare(): an answer before the
+        # body would leave it unread, and closing on unread bytes resets the connection.
+        if self.request.method != self.face.method:
+            raise HTTPError(405)
         inbound = Inbound(
             request_id=self.request_id,
             headers=self.request.headers,
@@ -100,11 +102,15 @@ class ApiHandler(BodyReadingHandler):
             self.finish()
 
     def on_finish(self) -> None:
+        super().on_finish()
         if getattr(self, "_counted", False):
             self._counted = False
             self.pipeline.in_flight.leave()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if self._finished:
+            return  # answered already (a 408 or 413 before the body was in), not gone
         self.record.caller_left()
         self.on_finish()
 

@@ -67,6 +67,7 @@ def build_pipeline(settings: Settings, *, clock: Callable[[], float] = time.time
         affinity = MemoryAffinity(settings.response_affinity_ttl)
     pool = DeploymentPool(
         settings.deployments,
+        max_cooldown=settings.max_cooldown,
         least_busy=settings.routing == "least-busy",
         on_spill=lambda first_priority, chosen: metrics.count_spill(chosen.name, chosen.priority),
     )

@@ -1,10 +1,20 @@
-"""What every route shares: security headers, CORS, the request body and error answers."""
+"""What every route shares: security headers, CORS, request limits, the body and error answers.
+
+Every handler reads its own body (`stream_request_body`), so the limits are
+applied as soon as the headers are in, with an answer in the route's error
+shape: a header block over MAX_HEADER_SIZE gets a 431, a body that does not
+arrive within BODY_TIMEOUT a 408, and a route that takes no JSON body refuses
+one over MAX_OTHER_BODY_SIZE with a 413 at once, without reading it. Each of
+these closes the connection after the answer (`Connection: close`): the rest
+of the request may still be on its way.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tornado.httputil import responses
+from tornado.httputil import HTTPServerRequest, responses
+from tornado.ioloop import IOLoop
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from gateway.encoding import compact_json
@@ -13,7 +23,7 @@ from gateway.faces import GPT_CHAT, Face
 from gateway.ops.accesslog import timestamp
 from gateway.pipeline import Pipeline
 
-from .listeners import request_start_time, set_constant_headers
+from .listeners import request_start_time, set_constant_headers, when_body_received
 
 # What the original's helmet() set that still means something for a JSON API.
 SECURITY_HEADERS = {
@@ -47,8 +57,9 @@ def access_record(handler: RequestHandler, route: str) -> dict[str, Any]:
     }
 
 
+@stream_request_body
 class BaseHandler(RequestHandler):
-    """Headers, and error answers in the shape of the handler's face.
+    """Headers, request limits, and error answers in the shape of the handler's face.
 
     `write_error` is the one place an error response is written; the body
     comes from the face (the original API's `{"success": 0, ...}` unless the
@@ -58,6 +69,76 @@ class BaseHandler(RequestHandler):
     # The route's name in the access log and metrics.
     route = "other"
     face: Face = GPT_CHAT
+    _body_timer: object | None = None
+
+    def prepare(self) -> None:
+        settings = self.pipeline.settings
+        self._received = 0
+        self._body_timer = IOLoop.current().call_later(settings.body_timeout, self._body_timed_out)
+        when_body_received(self.request, self._disarm_body_timer)
+        size = header_block_size(self.request)
+        if size > settings.max_header_size:
+            raise closing_error(
+                431,
+                "headers_too_large",
+                f"The request's header block ({size} bytes) exceeds the limit of "
+                f"{settings.max_header_size} bytes.",
+            )
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.body_limit():
+            self._refuse_body(int(declared))
+
+    def body_limit(self) -> int:
+        """The largest body this route accepts; none of its own, so a small one."""
+        return self.pipeline.settings.max_other_body_size
+
+    def _refuse_body(self, size: int) -> None:
+        """Answer a declared body over the limit at once, before any of it is read."""
+        # Tornado discards what arrives until it closes the connection, once the
+        # answer is written; its own limit is raised to the declared length, as
+        # past that it would write a bare 400 after our answer.
+        self.request.connection.set_max_body_size(max(size, self.body_limit()))  # type: ignore[union-attr]
+        raise self._body_too_large()
+
+    def _body_too_large(self) -> GatewayError:
+        return closing_error(
+            413,
+            "body_too_large",
+            f"This route takes no request body over {self.body_limit()} bytes.",
+        )
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._received > self.body_limit() and not self._finished:
+            self.fail_now(self._body_too_large())  # a chunked body: no length was declared
+
+    def fail_now(self, error: GatewayError) -> None:
+        """Answer with `error` from outside the verb method (a timer, a body chunk)."""
+        self.send_error(error.status, exc_info=(GatewayError, error, None))
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if not self._finished:
+            self.fail_now(
+                closing_error(
+                    408,
+                    "body_timeout",
+                    "The request body did not arrive within "
+                    f"{self.pipeline.settings.body_timeout:g} s.",
+                )
+            )
+
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            IOLoop.current().remove_timeout(self._body_timer)
+            self._body_timer = None
+
+    def on_finish(self) -> None:
+        self._disarm_body_timer()
+
+    def on_connection_close(self) -> None:
+        self._disarm_body_timer()
+        super().on_connection_close()  # ends the wait for a body that will not come
 
     @property
     def pipeline(self) -> Pipeline:
@@ -141,13 +222,12 @@ class BaseHandler(RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    """Every path no route claims: the original's answer, naming what was asked for."""
+    """Every path no route claims (after its body, so the connection stays usable):
+    the original's answer, naming what was asked for."""
 
     route = "not_found"
 
-    def prepare(self) -> None:
-        if self.request.method == "OPTIONS":
-            return
+    def get(self, *_args: str) -> None:
         raise GatewayError(
             404,
             "not_found",
@@ -155,10 +235,12 @@ class NotFoundHandler(BaseHandler):
             summary="API Not found.",
         )
 
+    head = post = put = patch = delete = get
 
-@stream_request_body
+
 class BodyReadingHandler(BaseHandler):
-    """Reads the body itself, so an oversized one gets a 413 answer, not a dropped connection.
+    """Keeps the body (up to MAX_BODY_SIZE), so an oversized one gets a 413 answer,
+    not a dropped connection; the pipeline reads it (gateway/jsonbody.py).
 
     An oversized body is still read to its end (and dropped): answering
     before that would make Tornado close a socket with unread data, which
@@ -167,7 +249,13 @@ class BodyReadingHandler(BaseHandler):
 
     def prepare(self) -> None:
         self._chunks: list[bytes] = []
-        self._received = 0
+        super().prepare()
+
+    def body_limit(self) -> int:
+        return self.pipeline.settings.max_body_size
+
+    def _refuse_body(self, size: int) -> None:
+        """Read an oversized body to its end all the same (see the class docstring)."""
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
@@ -178,3 +266,16 @@ class BodyReadingHandler(BaseHandler):
 
     def body(self) -> bytes:
         return self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+
+
+def header_block_size(request: HTTPServerRequest) -> int:
+    """About the size of the request line and header block as sent, re-counted from the parse."""
+    size = len(request.method or "") + len(request.uri or "") + len(request.version) + 4
+    for name, value in request.headers.get_all():
+        size += len(name) + len(value) + 4
+    return size
+
+
+def closing_error(status: int, code: str, message: str) -> GatewayError:
+    """An error answered before the request was read to its end: the connection closes after it."""
+    return GatewayError(status, code, message, headers={"Connection": "close"})

@@ -5,7 +5,8 @@ read from Tornado 6.6.1, so an upgrade has one file to check:
 `HTTPServer._sockets`, `_handle_connection`, `_connections` and `conn_params`
 (the drain), `GZipContentEncoding._compressible_type` (which answers are
 gzipped), `HTTPServerRequest._start_time` (the access log's time),
-`RequestHandler._headers` (constant headers written without re-checking)
+`RequestHandler._headers` (constant headers written without re-checking),
+`HTTPServerRequest._body_future` (when the whole body is in)
 and the `HTTP1Connection.stream` of a request (TCP_NODELAY for streams).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPServerRequest
@@ -29,8 +30,10 @@ log = logging.getLogger("azure-gpt-api")
 # Bodies over MAX_BODY_SIZE are read and dropped so the caller gets a 413;
 # past this much, Tornado cuts the connection instead of reading on.
 DISCARD_BODY_LIMIT = 64 * 1024 * 1024
-# How long an idle keep-alive connection from a caller stays open.
-KEEP_ALIVE_TIMEOUT = 65.0
+# Tornado reads a header block up to this many times MAX_HEADER_SIZE, so one
+# over the limit is still answered with a 431 (handlers/base.py); past that it
+# closes the connection without an answer, as it must stop reading somewhere.
+HEADER_READ_FACTOR = 4
 # Seconds without a request before the drain cuts idle keep-alive connections.
 DRAIN_QUIET = 1.0
 
@@ -45,6 +48,12 @@ class JsonOnlyGzip(GZipContentEncoding):
 def request_start_time(request: HTTPServerRequest) -> float:
     """When Tornado began reading the request (wall clock)."""
     return request._start_time  # type: ignore[attr-defined]
+
+
+def when_body_received(request: HTTPServerRequest, callback: Callable[[], None]) -> None:
+    """Call `callback` once the whole body is in: Tornado resolves this private future
+    then (RequestHandler._execute awaits it); it is the only signal of that."""
+    request._body_future.add_done_callback(lambda _: callback())  # type: ignore[attr-defined]
 
 
 def set_nodelay(request: HTTPServerRequest) -> None:
@@ -75,7 +84,10 @@ class GatewayServer:
             self.app,
             ssl_options=ssl_options,
             max_body_size=max(DISCARD_BODY_LIMIT, self.settings.max_body_size),
-            idle_connection_timeout=KEEP_ALIVE_TIMEOUT,
+            max_header_size=HEADER_READ_FACTOR * self.settings.max_header_size,
+            # Also how long Tornado waits for a request's headers; it closes
+            # the connection then, as no request has begun to be answered.
+            idle_connection_timeout=self.settings.keep_alive_timeout,
         )
         # SO_REUSEPORT lets several PM2 instances share one port.
         sockets = bind_sockets(port, self.settings.host, reuse_port=True)

@@ -55,7 +55,7 @@ class Setup:
     def __init__(self, *, least_busy: bool = False) -> None:
         self.clock = Clock()
         self.board = CapacityBoard(clock=self.clock)
-        self.pool = DeploymentPool(ALL, clock=self.clock, rng=random.Random(1))
+        self.pool = DeploymentPool(ALL, max_cooldown=60, clock=self.clock, rng=random.Random(1))
         self.spills: list[tuple[int, str]] = []
         self.router = PriorityRouter(
             self.board,

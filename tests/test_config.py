@@ -230,3 +230,23 @@ def test_admission_routing_and_keepalive_settings(tmp_path):
         "DEFAULT_COMPLETION_TOKENS: must be an integer >= 1",
         f"TIKTOKEN_CACHE_DIR: must name an existing directory ({tmp_path / 'absent'} not found)",
     }
+
+
+def test_request_limits_have_named_defaults_and_are_checked(tmp_path):
+    loaded = settings(tmp_path, **REQUIRED)
+    assert loaded.max_other_body_size == 4096 and loaded.max_header_size == 65536
+    assert loaded.max_json_depth == 64
+    assert loaded.body_timeout == 30 and loaded.keep_alive_timeout == 65
+    assert loaded.max_cooldown == 60
+    bad = {
+        "MAX_JSON_DEPTH": "300",
+        "BODY_TIMEOUT": "0",
+        "MAX_COOLDOWN": "soon",
+        "MAX_HEADER_SIZE": "9",
+    }
+    assert problems(tmp_path, **REQUIRED, **bad) == [
+        "MAX_JSON_DEPTH: must be an integer from 1 to 254",
+        "MAX_HEADER_SIZE: must be an integer >= 1024",
+        "BODY_TIMEOUT: must be a number of seconds > 0",
+        "MAX_COOLDOWN: must be a number of seconds > 0",
+    ]

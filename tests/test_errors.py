@@ -8,7 +8,7 @@ from gateway.errors import (
     map_upstream_status,
     render_envelope,
     render_openai_error,
-    retry_after_seconds,
+    retry_after_delay,
 )
 from gateway.upstream.httpclient import HTTPTransportError
 
@@ -27,12 +27,17 @@ CONTENT_FILTER = {
 }
 
 
+def retry_after_sent(headers):
+    """The Retry-After a caller gets for Azure's 429 with `headers`."""
+    return map_upstream_status(429, headers, b"", max_cooldown=60).headers.get("Retry-After")
+
+
 def test_retry_after_prefers_milliseconds_and_rounds_up():
-    assert retry_after_seconds({"retry-after-ms": "300", "retry-after": "9"}) == 1
-    assert retry_after_seconds({"retry-after-ms": "2500"}) == 3
-    assert retry_after_seconds({"retry-after": "6"}) == 6
-    assert retry_after_seconds({"retry-after": "soon"}) is None
-    assert retry_after_seconds({}) is None
+    assert retry_after_sent({"retry-after-ms": "300", "retry-after": "9"}) == "1"
+    assert retry_after_sent({"retry-after-ms": "2500"}) == "3"
+    assert retry_after_sent({"retry-after": "6"}) == "6"
+    assert retry_after_sent({"retry-after": "soon"}) is None
+    assert retry_after_sent({}) is None
 
 
 def test_429_stays_429_with_retry_after():
@@ -40,6 +45,7 @@ def test_429_stays_429_with_retry_after():
         429,
         {"retry-after-ms": "1200"},
         b'{"error":{"code":"429","message":"Rate limit. Please retry after 2 seconds."}}',
+        max_cooldown=60,
     )
     assert error.status == 429
     assert error.headers == {"Retry-After": "2", "retry-after-ms": "1200"}
@@ -48,7 +54,7 @@ def test_429_stays_429_with_retry_after():
 
 
 def test_content_filter_400_keeps_azure_error_object():
-    error = map_upstream_status(400, {}, json.dumps(CONTENT_FILTER).encode())
+    error = map_upstream_status(400, {}, json.dumps(CONTENT_FILTER).encode(), max_cooldown=60)
     assert error.status == 400
     assert render_envelope(error) == {
         "success": 0,
@@ -61,7 +67,7 @@ def test_content_filter_400_keeps_azure_error_object():
 def test_our_misconfiguration_is_a_502_that_says_so():
     for status in (401, 403, 404):
         error = map_upstream_status(
-            status, {}, b'{"error":{"code":"401","message":"Access denied"}}'
+            status, {}, b'{"error":{"code":"401","message":"Access denied"}}', max_cooldown=60
         )
         assert error.status == 502
         assert error.code == "upstream_configuration"
@@ -69,13 +75,15 @@ def test_our_misconfiguration_is_a_502_that_says_so():
 
 
 def test_server_errors_and_timeouts():
-    assert map_upstream_status(500, {}, b"oops").status == 502
-    assert map_upstream_status(503, {}, b"").status == 502
-    assert map_upstream_status(408, {}, b"").status == 504
+    assert map_upstream_status(500, {}, b"oops", max_cooldown=60).status == 502
+    assert map_upstream_status(503, {}, b"", max_cooldown=60).status == 502
+    assert map_upstream_status(408, {}, b"", max_cooldown=60).status == 504
 
 
 def test_other_4xx_keep_their_status():
-    error = map_upstream_status(413, {}, b'{"error":{"code":"too_large","message":"Too big"}}')
+    error = map_upstream_status(
+        413, {}, b'{"error":{"code":"too_large","message":"Too big"}}', max_cooldown=60
+    )
     assert (error.status, error.code, error.message) == (413, "too_large", "Too big")
 
 
@@ -103,3 +111,18 @@ def test_our_own_error_object():
             "rule": "maximum",
         }
     }
+
+
+def test_retry_headers_that_are_not_finite_non_negative_numbers_are_ignored():
+    for value in ("inf", "Infinity", "-inf", "nan", "1e400", "-5", "Wed, 21 Oct 2026 07:28:00 GMT"):
+        assert retry_after_delay({"retry-after-ms": value}) is None, value
+        assert retry_after_delay({"retry-after": value}) is None, value
+    assert retry_after_delay({"retry-after-ms": "inf", "retry-after": "3"}) == 3.0
+
+
+def test_the_retry_after_we_send_is_capped():
+    assert retry_after_sent({"retry-after-ms": "99999999999"}) == "60"
+    error = map_upstream_status(429, {"retry-after-ms": "99999999999"}, b"", max_cooldown=60)
+    assert error.headers == {"Retry-After": "60", "retry-after-ms": "60000"}
+    error = map_upstream_status(429, {"retry-after-ms": "1e400"}, b"", max_cooldown=60)
+    assert error.status == 429 and error.headers == {} and error.retry_after is None

@@ -308,3 +308,38 @@ def test_endpoint_may_come_from_a_variable(tmp_path):
     assert problems(tmp_path, text, EAST_KEY="k", EAST_URL="east.example.com") == [
         "DEPLOYMENTS_FILE deployments[0] (east).endpoint: must be a URL starting with https:// (or http://)"
     ]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan"])
+async def test_a_429_with_a_retry_header_that_is_no_number_stays_a_429(gateway, emulator, value):
+    emulator.add_fault(Fault(status=429, headers={"retry-after-ms": value}))
+    response = await gateway.post("/v1/chat/completions", chat())
+    assert response.code == 429
+    assert "Retry-After" not in response.headers
+    assert json.loads(response.body)["error"]["code"] == "429"
+
+
+@pytest.mark.gen_test
+async def test_a_huge_retry_after_rests_a_deployment_no_longer_than_max_cooldown(
+    two_deployments, emulator, emulator_b
+):
+    gateway = two_deployments(MAX_COOLDOWN="45")
+    emulator.add_fault(Fault(status=429, headers={"retry-after-ms": "99999999999"}))
+    response = await gateway.post("/v1/chat/completions", chat())
+    assert response.code == 200 and response.headers["x-upstream-attempts"] == "2"
+    pool = gateway.server.pipeline.pool
+    a = next(d for d in pool.deployments if d.name == "a")
+    assert 40 < pool.cooling_for(a) <= 45
+
+
+@pytest.mark.gen_test
+async def test_the_retry_after_sent_to_the_caller_is_capped_too(
+    two_deployments, emulator, emulator_b
+):
+    for emu in (emulator, emulator_b):
+        emu.add_fault(Fault(status=429, headers={"retry-after-ms": "99999999999"}))
+    response = await two_deployments().post("/v1/chat/completions", chat())
+    assert response.code == 429
+    assert response.headers["Retry-After"] == "60"
+    assert json.loads(response.body)["error"]["code"] == "all_deployments_busy"

@@ -127,11 +127,15 @@ class ScriptedUpstream:
 
 
 def rate_limited() -> GatewayError:
-    return map_upstream_status(429, {"retry-after-ms": "30000"}, b'{"error":{"code":"429"}}')
+    return map_upstream_status(
+        429, {"retry-after-ms": "30000"}, b'{"error":{"code":"429"}}', max_cooldown=60
+    )
 
 
 def content_filtered() -> GatewayError:
-    return map_upstream_status(400, {}, b'{"error":{"code":"content_filter","message":"no"}}')
+    return map_upstream_status(
+        400, {}, b'{"error":{"code":"content_filter","message":"no"}}', max_cooldown=60
+    )
 
 
 def make_pipeline(upstream: ScriptedUpstream, *keys: CallerKey) -> Pipeline:
@@ -141,7 +145,7 @@ def make_pipeline(upstream: ScriptedUpstream, *keys: CallerKey) -> Pipeline:
         settings=settings,
         upstream=upstream,
         failover=Failover(
-            DeploymentPool(settings.deployments, rng=random.Random(7)),
+            DeploymentPool(settings.deployments, max_cooldown=60, rng=random.Random(7)),
             max_attempts=3,
             max_retry_wait=0,
         ),

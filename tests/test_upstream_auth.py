@@ -181,7 +181,7 @@ async def test_the_emulator_refuses_other_bearer_tokens_in_azures_shape(emulator
     wrong_key = await chat(emulator, client, {"api-key": "wrong", "Authorization": "Bearer forged"})
     assert wrong_key.code == 401 and json.loads(wrong_key.body)["error"]["code"] == "401"
     # The gateway maps Azure's envelope-less 401 like the others: our credentials, not the caller's.
-    mapped = map_upstream_status(401, {}, json.dumps(token_refused()).encode())
+    mapped = map_upstream_status(401, {}, json.dumps(token_refused()).encode(), max_cooldown=60)
     assert mapped.status == 502 and mapped.code == "upstream_configuration"
 
 

@@ -5,12 +5,13 @@ Never a prompt, never a key: only the names and numbers listed in `FIELDS`.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from gateway.encoding import compact_json_text
 
 ACCESS_LOG = logging.getLogger("azure-gpt-api.access")
 
@@ -39,14 +40,10 @@ def default_format(stream: Any = sys.stdout) -> str:
     return "text" if stream.isatty() else "json"
 
 
-# json.dumps with options builds a new encoder on every call; this one is built once.
-_encode_json = json.JSONEncoder(separators=(",", ":")).encode
-
-
 def format_line(record: Mapping[str, Any], style: str) -> str:
     fields = {name: value for name in FIELDS if (value := record.get(name)) is not None}
     if style == "json":
-        return _encode_json(fields)
+        return compact_json_text(fields)
     return " ".join(f"{name}={value}" for name, value in fields.items())
 
 

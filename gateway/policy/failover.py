@@ -8,7 +8,8 @@ Retry rules (before any byte reached the caller, never after):
 - retryable: 429, 408, 500, 502, 503, 504, a refused or reset connection, a
   first-byte or request timeout. The failing deployment cools down for
   Azure's `retry-after-ms`, else `retry-after`, else an exponential backoff
-  with jitter, and the next attempt goes at once to another deployment.
+  with jitter, never longer than `max_cooldown`, and the next attempt goes
+  at once to another deployment.
 - when every candidate is cooling down, wait for the earliest if that is
   within `max_retry_wait`, else answer 429 with a Retry-After.
 - at most `max_attempts` upstream attempts; then the last failure is the answer.
@@ -46,12 +47,14 @@ class DeploymentPool:
         self,
         deployments: Iterable[Deployment],
         *,
+        max_cooldown: float,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         least_busy: bool = False,
         on_spill: Callable[[int, Deployment], None] = lambda first_priority, chosen: None,
     ) -> None:
         self.deployments = tuple(deployments)
+        self.max_cooldown = max_cooldown
         self._clock = clock
         self._rng = rng or random.Random()
         self._cool_until: dict[str, float] = {}
@@ -92,10 +95,15 @@ class DeploymentPool:
         return min(self.cooling_for(d) for d in candidates)
 
     def cool_down(self, deployment: Deployment, seconds: float | None) -> None:
+        """Rest `deployment` for `seconds` (None: the backoff's), at most `max_cooldown`.
+
+        The cap bounds what an upstream header can do: a `retry-after-ms` of
+        99999999999 would otherwise take a deployment out for three years.
+        """
         failures = self._failures.get(deployment.name, 0) + 1
         self._failures[deployment.name] = failures
         delay = seconds if seconds is not None else backoff_delay(failures, self._rng)
-        self._cool_until[deployment.name] = self._clock() + delay
+        self._cool_until[deployment.name] = self._clock() + min(delay, self.max_cooldown)
 
     def succeeded(self, deployment: Deployment) -> None:
         self._failures.pop(deployment.name, None)

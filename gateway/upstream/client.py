@@ -270,7 +270,12 @@ class UpstreamClient:
                 return None
             raise map_transport_error(error) from None
         if outcome.code != 200:
-            raise map_upstream_status(outcome.code, outcome.headers, outcome.body or b"")
+            raise map_upstream_status(
+                outcome.code,
+                outcome.headers,
+                outcome.body or b"",
+                max_cooldown=self._settings.max_cooldown,
+            )
         document: Any = {}
         if parse:
             try:
@@ -357,6 +362,10 @@ class UpstreamClient:
     @property
     def stream_idle_timeout(self) -> float:
         return self._settings.stream_idle_timeout
+
+    @property
+    def max_cooldown(self) -> float:
+        return self._settings.max_cooldown
 
 
 class UpstreamStream:
@@ -553,7 +562,12 @@ class UpstreamStream:
         if self._transport_error is not None and reason is None:
             reason = "cut"
         if reason is None and self.status != 200:
-            return map_upstream_status(self.status or 502, self.headers, bytes(self._error_body))
+            return map_upstream_status(
+                self.status or 502,
+                self.headers,
+                bytes(self._error_body),
+                max_cooldown=self._client.max_cooldown,
+            )
         return stream_failure(
             reason or "unfinished",
             started=self.started,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from gateway.encoding import compact_json
+
 _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
 
 
@@ -82,4 +84,4 @@ def usage_in(event: bytes) -> dict | None:
 
 def encode_event(payload: object) -> bytes:
     """One `data:` event carrying a JSON payload."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact_json(payload) + b"\n\n"
