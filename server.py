@@ -1,7 +1,7 @@
-"""azure-gpt-api: start-up, listeners, signals and the drain on shutdown.
+"""azure-gpt-api: arguments, settings, logging and signals; the app is handlers/app.py.
 
-    python server.py              # settings from the environment and .env
-    python server.py --emulator   # answer from the built-in Azure emulator
+python server.py              # settings from the environment and .env
+python server.py --emulator   # answer from the built-in Azure emulator
 """
 
 from __future__ import annotations
@@ -13,198 +13,24 @@ import logging
 import os
 import secrets
 import signal
-import ssl
 import sys
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 import uvloop
-from prometheus_client import CollectorRegistry
-from tornado.httpserver import HTTPServer
-from tornado.netutil import bind_sockets
-from tornado.web import Application, GZipContentEncoding
 
-from gateway.accesslog import ACCESS_LOG, default_format
+from emulator import AzureEmulator
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
-from gateway.context import GatewayContext
-from emulator import AzureEmulator
-from gateway.keys import KeyRing
-from gateway.metrics import MULTIPROC_DIR_VARIABLE, Metrics, forget_dead_processes
-from gateway.quota import MemoryQuota, RedisQuota
-from gateway.routing import DeploymentPool, Failover
-from gateway.upstream import UpstreamClient
-from gateway.validation import BodyValidator, load_registry
-from handlers.base import NotFoundHandler
-from handlers.chat import GptChatHandler
-from handlers.openai import AzureChatHandler, ModelsHandler, OpenAIChatHandler
-from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler, UsageHandler
-from handlers.status import StatusHandler
+from gateway.ops.accesslog import ACCESS_LOG, default_format
+from gateway.ops.metrics import MULTIPROC_DIR_VARIABLE, forget_dead_processes
+from handlers.app import make_app
+from handlers.listeners import GatewayServer
 
 log = logging.getLogger("azure-gpt-api")
 
-# Bodies over MAX_BODY_SIZE are read and dropped so the caller gets a 413;
-# past this much, Tornado cuts the connection instead of reading on.
-DISCARD_BODY_LIMIT = 64 * 1024 * 1024
-# Tornado reads a header block up to this many times MAX_HEADER_SIZE, so one
-# over the limit is still answered with a 431 (handlers/base.py); past that it
-# closes the connection without an answer, as it must stop reading somewhere.
-HEADER_READ_FACTOR = 4
 EMULATOR_DEPLOYMENT = "gpt-4o"
-EMULATOR_API_VERSION = "2024-10-21"
-
-
-class JsonOnlyGzip(GZipContentEncoding):
-    """gzip JSON answers only: a compressed event stream would be held back by the compressor."""
-
-    def _compressible_type(self, ctype: str) -> bool:
-        return ctype == "application/json"
-
-
-def make_app(settings: Settings) -> Application:
-    """Build the application and everything its handlers share."""
-    registry = load_registry()
-    pool = DeploymentPool(settings.deployments, max_cooldown=settings.max_cooldown)
-    metrics = Metrics(CollectorRegistry())
-    quota = (
-        RedisQuota(
-            settings.redis_url.reveal(),
-            settings.quota_on_redis_error,
-            on_redis_error=metrics.redis_errors_total.inc,
-        )
-        if settings.redis_url
-        else MemoryQuota()
-    )
-    context = GatewayContext(
-        settings=settings,
-        upstream=UpstreamClient(settings),
-        pool=pool,
-        failover=Failover(
-            pool, max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait
-        ),
-        validators={
-            name: BodyValidator(f"{name}.schema.json", registry)
-            for name in ("gpt_chat", "chat_completions")
-        },
-        keyring=KeyRing(settings.caller_keys),
-        quota=quota,
-        metrics=metrics,
-    )
-    return Application(
-        [
-            (r"/v1/?", StatusHandler),
-            (r"/v1/gpt/chat/?", GptChatHandler),
-            (r"/v1/chat/completions", OpenAIChatHandler),
-            (r"/v1/models", ModelsHandler),
-            (r"/openai/deployments/([^/]+)/chat/completions", AzureChatHandler),
-            (r"/v1/usage", UsageHandler),
-            (r"/metrics", MetricsHandler),
-            (r"/healthz", HealthHandler),
-            (r"/readyz", ReadyHandler),
-        ],
-        default_handler_class=NotFoundHandler,
-        transforms=[JsonOnlyGzip],
-        context=context,
-        log_function=lambda handler: context.request_finished(handler.access_record()),
-    )
-
-
-class GatewayServer:
-    """The HTTP (and optional HTTPS) listeners of one app, and their orderly shutdown."""
-
-    def __init__(self, app: Application, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-        self.context: GatewayContext = app.settings["context"]
-        self.servers: list[HTTPServer] = []
-        self.ports: dict[str, int] = {}
-
-    def _listen(self, scheme: str, port: int, ssl_options: ssl.SSLContext | None) -> None:
-        server = HTTPServer(
-            self.app,
-            ssl_options=ssl_options,
-            max_body_size=max(DISCARD_BODY_LIMIT, self.settings.max_body_size),
-            max_header_size=HEADER_READ_FACTOR * self.settings.max_header_size,
-            # Also how long Tornado waits for a request's headers; it closes
-            # the connection then, as no request has begun to be answered.
-            idle_connection_timeout=self.settings.keep_alive_timeout,
-        )
-        # SO_REUSEPORT lets several PM2 instances share one port.
-        sockets = bind_sockets(port, self.settings.host, reuse_port=True)
-        server.add_sockets(sockets)
-        self.servers.append(server)
-        self.ports[scheme] = sockets[0].getsockname()[1]
-
-    def start(self) -> None:
-        self._listen("http", self.settings.http_port, None)
-        if self.settings.enable_ssl:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(self.settings.ssl_cert, self.settings.ssl_key)
-            self._listen("https", self.settings.https_port, context)
-
-    async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to DRAIN_TIMEOUT), then close.
-
-        With DRAIN_GRACE, /readyz answers 503 for that long first, while the
-        listener still accepts, so a load balancer stops sending before it closes.
-
-        Made for rolling restarts (`pm2 reload`), where other instances keep
-        serving the port and no caller may see an error:
-
-        - Connections the kernel has already completed in the listener's
-          backlog are accepted before the listener closes, which would reset
-          them although their callers were told they are connected.
-        - Keep-alive is switched off: each open connection serves at most one
-          more request, answered with `Connection: close`, so its caller
-          reconnects (to another instance) rather than finding it cut.
-        - A connection is closed only once its requests are done and no
-          request has come in for `quiet` seconds: an idle keep-alive
-          connection may have a request on its way. DRAIN_TIMEOUT bounds it all.
-        """
-        in_flight = self.context.in_flight
-        in_flight.draining = True  # /readyz answers 503 from now on
-        if self.settings.drain_grace:
-            log.info("draining: /readyz is 503; closing the listener in %g s", self.settings.drain_grace)
-            await asyncio.sleep(self.settings.drain_grace)
-        quiet = 1.0  # seconds without a request before idle connections are cut
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.drain_timeout
-        for server in self.servers:
-            # Tornado's own accept loop, run once more just before the close.
-            for sock in server._sockets.values():
-                while True:
-                    try:
-                        connection, address = sock.accept()
-                    except BlockingIOError:
-                        break
-                    except ConnectionAbortedError:
-                        continue
-                    server._handle_connection(connection, address)
-            server.stop()
-            server.conn_params.no_keep_alive = True
-        log.info("draining %d in-flight request(s)", in_flight.count)
-
-        def open_connections() -> int:
-            return sum(len(server._connections) for server in self.servers)
-
-        quiet_since, seen = loop.time(), open_connections()
-        while (seen or in_flight.count) and loop.time() < deadline:
-            if in_flight.count:
-                if not await in_flight.wait_idle(deadline - loop.time()):
-                    break
-                quiet_since = loop.time()
-            elif loop.time() - quiet_since >= quiet:
-                break  # only idle keep-alive connections are left
-            else:
-                await asyncio.sleep(0.05)
-            if open_connections() != seen:  # a connection ended: it had just been answered
-                quiet_since, seen = loop.time(), open_connections()
-        if in_flight.count:
-            log.warning("drain timeout: closing %d request(s) still in flight", in_flight.count)
-        for server in self.servers:
-            await server.close_all_connections()
-        self.context.upstream.close()
-        await self.context.quota.close()
+EMULATOR_API_VERSION = "v1"
 
 
 def tell_pm2_ready() -> None:

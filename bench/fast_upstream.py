@@ -90,9 +90,13 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-COMPLETION = json.dumps(completion_body(REQUEST, plan_choices(REQUEST), "chatcmpl-emu-1", MODEL)).encode()
+COMPLETION = json.dumps(
+    completion_body(REQUEST, plan_choices(REQUEST), "chatcmpl-emu-1", MODEL)
+).encode()
 EVENTS = {usage: make_payloads(0, usage) for usage in (False, True)}
-FRAMED_EVENTS = {usage: [frame_chunk(event) for event in events] for usage, events in EVENTS.items()}
+FRAMED_EVENTS = {
+    usage: [frame_chunk(event) for event in events] for usage, events in EVENTS.items()
+}
 LAST_CHUNK = b"0\r\n\r\n"
 CONTENT_EVENTS = sum(1 for event in EVENTS[False] if b'"delta":{"content":"' in event)
 INCLUDE_USAGE = re.compile(rb'"include_usage"\s*:\s*true')
@@ -131,7 +135,11 @@ class State:
         self.gap = float(query.get("gap_ms", 0)) / 1000
         self.hold = int(query["hold"]) if int(query.get("hold", 0) or 0) > 0 else None
         self.pad = int(query.get("pad", 0))
-        self.events = {usage: make_payloads(self.pad, usage) for usage in (False, True)} if self.pad else EVENTS
+        self.events = (
+            {usage: make_payloads(self.pad, usage) for usage in (False, True)}
+            if self.pad
+            else EVENTS
+        )
         return {"gap_ms": self.gap * 1000, "hold": self.hold, "pad": self.pad}
 
     @property
@@ -148,9 +156,10 @@ class State:
 
 def json_response(obj: object, status: bytes = b"200 OK") -> bytes:
     body = json.dumps(obj).encode()
-    return (
-        b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (status, len(body), body)
+    return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
     )
 
 
@@ -220,14 +229,25 @@ class UpstreamProtocol(asyncio.Protocol):
             transport.write(self.control(target.decode()))
             return
         if method != b"POST" or b"/chat/completions" not in target:
-            transport.write(json_response({"error": {"code": "404", "message": "Resource not found"}}, b"404 Not Found"))
+            transport.write(
+                json_response(
+                    {"error": {"code": "404", "message": "Resource not found"}}, b"404 Not Found"
+                )
+            )
             return
         if headers.get(b"api-key") != state.key:
-            transport.write(json_response({"error": {"code": "401", "message": "Access denied"}}, b"401 Unauthorized"))
+            transport.write(
+                json_response(
+                    {"error": {"code": "401", "message": "Access denied"}}, b"401 Unauthorized"
+                )
+            )
             return
         state.requests += 1
         request_id = headers.get(b"x-request-id")
-        common = b"Date: %s\r\nApim-Request-Id: %s\r\nX-Ms-Region: emulator\r\n" % (state.date(), state.apim_id())
+        common = b"Date: %s\r\nApim-Request-Id: %s\r\nX-Ms-Region: emulator\r\n" % (
+            state.date(),
+            state.apim_id(),
+        )
         if request_id:
             common += b"X-Request-Id: %s\r\n" % request_id
         if STREAM_TRUE.search(body) is None:
@@ -250,7 +270,9 @@ class UpstreamProtocol(asyncio.Protocol):
             transport.write(LAST_CHUNK)
             return
         times = state.record_sent((request_id or b"").decode("latin1"))
-        self.task = asyncio.get_running_loop().create_task(self.slow_stream(state.events[usage], times))
+        self.task = asyncio.get_running_loop().create_task(
+            self.slow_stream(state.events[usage], times)
+        )
         self.task.add_done_callback(self._stream_done)
 
     async def slow_stream(self, events: list[bytes], times: list[list[int]]) -> None:

@@ -15,15 +15,17 @@ import math
 import resource
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 class ConnectionClosed(Exception):
     pass
 
 
-def build_request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+def build_request(
+    method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
@@ -159,7 +161,10 @@ class ClientProtocol(asyncio.Protocol):
     # use
 
     async def request(
-        self, raw: bytes, on_body: Callable[[bytes, int], None] | None = None, keep_body: bool = True
+        self,
+        raw: bytes,
+        on_body: Callable[[bytes, int], None] | None = None,
+        keep_body: bool = True,
     ) -> Response:
         if self.closed or self.transport is None:
             raise ConnectionClosed("connection already closed")
@@ -180,12 +185,21 @@ async def connect(host: str, port: int) -> ClientProtocol:
     return protocol
 
 
-async def fetch(host: str, port: int, method: str, path: str, body: bytes = b"",
-                headers: dict[str, str] | None = None, timeout: float = 10.0) -> Response:
+async def fetch(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> Response:
     """One request on a fresh connection."""
     conn = await asyncio.wait_for(connect(host, port), timeout)
     try:
-        return await asyncio.wait_for(conn.request(build_request(method, path, body, headers)), timeout)
+        return await asyncio.wait_for(
+            conn.request(build_request(method, path, body, headers)), timeout
+        )
     finally:
         conn.close()
 
@@ -215,8 +229,16 @@ def raise_fd_limit(wanted: int) -> int:
 # ---------------------------------------------------------------- load loop (wrk's stand-in)
 
 
-async def load(host: str, port: int, raw: bytes, *, connections: int, duration: float,
-               max_requests: int | None = None, expect_status: int = 200) -> dict:
+async def load(
+    host: str,
+    port: int,
+    raw: bytes,
+    *,
+    connections: int,
+    duration: float,
+    max_requests: int | None = None,
+    expect_status: int = 200,
+) -> dict:
     """Keep `connections` connections busy for `duration` seconds (or `max_requests` in all).
 
     Returns what the wrk runner returns: requests, duration, latency
@@ -231,7 +253,7 @@ async def load(host: str, port: int, raw: bytes, *, connections: int, duration: 
     async def worker() -> None:
         try:
             conn = await asyncio.wait_for(connect(host, port), 10)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             errors["connect"] += 1
             return
         try:
@@ -242,7 +264,7 @@ async def load(host: str, port: int, raw: bytes, *, connections: int, duration: 
                     response = await asyncio.wait_for(
                         conn.request(raw, keep_body=False), max(1.0, deadline - t0 + 5)
                     )
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     errors["timeout"] += 1
                     return
                 except (ConnectionClosed, OSError):
@@ -319,9 +341,19 @@ def match_events(sent: list[list[int]], watch: StreamWatch) -> list[float] | Non
     return lags or None
 
 
-async def timed_streams(host: str, port: int, path: str, body: bytes, headers: dict[str, str], *,
-                        streams: int, tag: str, sent_times: Callable[[str], "asyncio.Future[list[list[int]]]"],
-                        timeout: float, stagger: float = 0.0) -> dict:
+async def timed_streams(
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    streams: int,
+    tag: str,
+    sent_times: Callable[[str], asyncio.Future[list[list[int]]]],
+    timeout: float,
+    stagger: float = 0.0,
+) -> dict:
     """Run `streams` streams together, started `stagger` s apart; match each event's arrival with when the upstream sent it.
 
     `sent_times(request_id)` asks the stand-in when it sent each event of
@@ -337,12 +369,16 @@ async def timed_streams(host: str, port: int, path: str, body: bytes, headers: d
         conn = await connect(host, port)
         try:
             raw = build_request("POST", path, body, {**headers, "x-request-id": request_id})
-            response = await asyncio.wait_for(conn.request(raw, watch.feed, keep_body=False), timeout)
+            response = await asyncio.wait_for(
+                conn.request(raw, watch.feed, keep_body=False), timeout
+            )
         finally:
             conn.close()
         return request_id, watch, response.status
 
-    results = await asyncio.gather(*(one(index) for index in range(streams)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(one(index) for index in range(streams)), return_exceptions=True
+    )
     first: list[float] = []
     every: list[float] = []
     errors: list[str] = []
@@ -357,8 +393,10 @@ async def timed_streams(host: str, port: int, path: str, body: bytes, headers: d
         sent = await sent_times(request_id)
         lags = match_events(sent, watch)
         if lags is None:
-            errors.append(f"stream {request_id}: the {len(watch.crcs)} events received are not "
-                          f"among the {len(sent)} sent, in order")
+            errors.append(
+                f"stream {request_id}: the {len(watch.crcs)} events received are not "
+                f"among the {len(sent)} sent, in order"
+            )
             continue
         first.append(lags[0])
         every.extend(lags)
@@ -368,15 +406,28 @@ async def timed_streams(host: str, port: int, path: str, body: bytes, headers: d
         "streams": streams,
         "events_timed": len(every),
         "first_event_ms": {"p50": percentile(first, 50), "max": first[-1] if first else math.nan},
-        "any_event_ms": {"p50": percentile(every, 50), "p99": percentile(every, 99),
-                         "max": every[-1] if every else math.nan},
+        "any_event_ms": {
+            "p50": percentile(every, 50),
+            "p99": percentile(every, 99),
+            "max": every[-1] if every else math.nan,
+        },
         "errors": errors,
     }
 
 
-async def held_streams(host: str, port: int, path: str, body: bytes, headers: dict[str, str], *,
-                       streams: int, connect_parallel: int, open_timeout: float,
-                       on_all_open: Callable[[int], "asyncio.Future[dict]"], finish_timeout: float) -> dict:
+async def held_streams(
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    streams: int,
+    connect_parallel: int,
+    open_timeout: float,
+    on_all_open: Callable[[int], asyncio.Future[dict]],
+    finish_timeout: float,
+) -> dict:
     """Open `streams` streams that the stand-in holds after their first events.
 
     Once every stream has had its first event (or `open_timeout` passed),

@@ -49,12 +49,16 @@ class RelayHandler(RequestHandler):
             request = HTTPRequest(self.upstream, "POST", headers, self.request.body)
             response = await self.client.fetch(request, raise_error=False)
             self.set_status(response.code)
-            self.set_header("Content-Type", response.headers.get("Content-Type", "application/json"))
+            self.set_header(
+                "Content-Type", response.headers.get("Content-Type", "application/json")
+            )
             self.finish(response.body)
             return
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.request.connection.stream.set_nodelay(True)
-        request = HTTPRequest(self.upstream, "POST", headers, self.request.body, streaming_callback=self.relay)
+        request = HTTPRequest(
+            self.upstream, "POST", headers, self.request.body, streaming_callback=self.relay
+        )
         await self.client.fetch(request, raise_error=False)
         self.finish()
 
@@ -70,7 +74,9 @@ async def serve(args: argparse.Namespace) -> None:
     sockets = bind_sockets(args.port, "127.0.0.1")
     server = HTTPServer(app)
     server.add_sockets(sockets)
-    print(f"reference_proxy listening on http://127.0.0.1:{sockets[0].getsockname()[1]}", flush=True)
+    print(
+        f"reference_proxy listening on http://127.0.0.1:{sockets[0].getsockname()[1]}", flush=True
+    )
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)

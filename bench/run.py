@@ -33,10 +33,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -55,7 +56,9 @@ PROMPT = (
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_MAX_CLIENTS = 1000  # gateway/config.py's default, the bound for upstream connections
-WRK_INSTALL_HINT = "wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu), then run this again."
+WRK_INSTALL_HINT = (
+    "wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu), then run this again."
+)
 
 # The issue's targets.
 TARGET_CPU_REQUEST_MS = 0.35
@@ -79,7 +82,9 @@ class Route:
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 ROUTES = {
-    "gpt_chat": Route("gpt_chat", "/v1/gpt/chat", {"prompt": PROMPT}, {"prompt": PROMPT, "stream": True}),
+    "gpt_chat": Route(
+        "gpt_chat", "/v1/gpt/chat", {"prompt": PROMPT}, {"prompt": PROMPT, "stream": True}
+    ),
     "openai": Route(
         "openai",
         "/v1/chat/completions",
@@ -94,7 +99,9 @@ ROUTES = {
     ),
 }
 # The stand-in itself, as Azure: the "direct" baseline.
-DIRECT = Route("direct", ROUTES["azure"].path, {"messages": MESSAGES}, {"messages": MESSAGES, "stream": True})
+DIRECT = Route(
+    "direct", ROUTES["azure"].path, {"messages": MESSAGES}, {"messages": MESSAGES, "stream": True}
+)
 # bench/reference_proxy.py, sent the OpenAI route's requests: the "reference" baseline.
 REFERENCE = dataclasses.replace(ROUTES["openai"], name="reference")
 
@@ -184,7 +191,12 @@ class Proc:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.popen = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,
         )
         self.pid = self.popen.pid
@@ -267,7 +279,8 @@ class Bench:
         self.empty_env.write_text("")
         self.extra_env = dict(item.split("=", 1) for item in args.server_env)
         self.extra_headers = dict(
-            (name.strip(), value.strip()) for name, value in (item.split(":", 1) for item in args.header)
+            (name.strip(), value.strip())
+            for name, value in (item.split(":", 1) for item in args.header)
         )
         self.wrk = shutil.which("wrk") if args.loadgen != "python" else None
         self.upstream: Proc | None = None
@@ -286,7 +299,9 @@ class Bench:
         self.upstream_port = int(proc.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
         self.upstream = proc
 
-    def start_server(self, name: str, port: int = 0, cpus: set[int] | None = None, **env: str) -> tuple[Proc, int]:
+    def start_server(
+        self, name: str, port: int = 0, cpus: set[int] | None = None, **env: str
+    ) -> tuple[Proc, int]:
         environ = {
             "PATH": os.environ.get("PATH", ""),
             "PYTHONUNBUFFERED": "1",
@@ -302,7 +317,12 @@ class Bench:
             **self.extra_env,
             **env,
         }
-        proc = Proc(name, [self.python, *self.args.server_script.split()], environ, self.workdir / f"{name}.log")
+        proc = Proc(
+            name,
+            [self.python, *self.args.server_script.split()],
+            environ,
+            self.workdir / f"{name}.log",
+        )
         if cpus is not None:
             set_affinity(proc.pid, cpus)
         self.procs.append(proc)
@@ -313,8 +333,16 @@ class Bench:
         """bench/reference_proxy.py in front of the stand-in, on the server's CPUs."""
         proc = Proc(
             "reference",
-            [self.python, str(BENCH / "reference_proxy.py"), "--port", "0", "--key", KEY,
-             "--upstream", f"http://127.0.0.1:{self.upstream_port}{DIRECT.path}"],
+            [
+                self.python,
+                str(BENCH / "reference_proxy.py"),
+                "--port",
+                "0",
+                "--key",
+                KEY,
+                "--upstream",
+                f"http://127.0.0.1:{self.upstream_port}{DIRECT.path}",
+            ],
             {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"},
             self.workdir / "reference.log",
         )
@@ -329,7 +357,9 @@ class Bench:
         if proc.name.startswith(("server", "reference")):
             problems = proc.log_problems()
             if problems:
-                self.errors.append(f"{proc.name} logged {len(problems)} problem line(s), first: {problems[0]}")
+                self.errors.append(
+                    f"{proc.name} logged {len(problems)} problem line(s), first: {problems[0]}"
+                )
         if proc in self.procs:
             self.procs.remove(proc)
 
@@ -352,7 +382,9 @@ class Bench:
     # request shapes
 
     def request_parts(self, route: Route, stream: bool) -> tuple[bytes, dict[str, str]]:
-        body = json.dumps(route.stream_body if stream else route.body, separators=(",", ":")).encode()
+        body = json.dumps(
+            route.stream_body if stream else route.body, separators=(",", ":")
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if route is DIRECT:
             headers["api-key"] = KEY
@@ -364,35 +396,69 @@ class Bench:
 
     # load
 
-    def run_load(self, port: int, route: Route, stream: bool, connections: int, duration: float,
-                 generator: str | None = None) -> dict:
+    def run_load(
+        self,
+        port: int,
+        route: Route,
+        stream: bool,
+        connections: int,
+        duration: float,
+        generator: str | None = None,
+    ) -> dict:
         """One measured run: wrk when present (whole seconds), else the Python loop."""
         body, headers = self.request_parts(route, stream)
         use = generator or ("wrk" if self.wrk else "python")
         if use == "wrk":
-            return run_wrk(self.wrk, self.workdir, port, route.path, body, headers, connections,
-                           max(1, round(duration)))
+            return run_wrk(
+                self.wrk,
+                self.workdir,
+                port,
+                route.path,
+                body,
+                headers,
+                connections,
+                max(1, round(duration)),
+            )
         raw = loadgen.build_request("POST", route.path, body, headers)
-        return asyncio.run(loadgen.load("127.0.0.1", port, raw, connections=connections, duration=duration))
+        return asyncio.run(
+            loadgen.load("127.0.0.1", port, raw, connections=connections, duration=duration)
+        )
 
     def warm(self, port: int, route: Route, stream: bool, connections: int) -> None:
         if self.plan.warmup <= 0:
             return
         body, headers = self.request_parts(route, stream)
         raw = loadgen.build_request("POST", route.path, body, headers)
-        asyncio.run(loadgen.load("127.0.0.1", port, raw, connections=connections, duration=self.plan.warmup))
+        asyncio.run(
+            loadgen.load("127.0.0.1", port, raw, connections=connections, duration=self.plan.warmup)
+        )
 
-    def measured(self, label: str, servers: list[Proc], port: int, route: Route, stream: bool,
-                 connections: int, generator: str | None = None, duration: float | None = None,
-                 profile_to: Path | None = None) -> dict:
+    def measured(
+        self,
+        label: str,
+        servers: list[Proc],
+        port: int,
+        route: Route,
+        stream: bool,
+        connections: int,
+        generator: str | None = None,
+        duration: float | None = None,
+        profile_to: Path | None = None,
+    ) -> dict:
         """A load run with the servers' CPU time and the upstream connections it cost."""
         self.warm(port, route, stream, connections)
         assert self.upstream is not None
         cpu0 = [proc.cpu_seconds() for proc in servers]
         up_cpu0 = self.upstream.cpu_seconds()
         conns0 = self.upstream_conns()
-        spy = start_profiler(servers[0].pid, duration or self.plan.duration, profile_to) if profile_to else None
-        result = self.run_load(port, route, stream, connections, duration or self.plan.duration, generator)
+        spy = (
+            start_profiler(servers[0].pid, duration or self.plan.duration, profile_to)
+            if profile_to
+            else None
+        )
+        result = self.run_load(
+            port, route, stream, connections, duration or self.plan.duration, generator
+        )
         if spy is not None:
             finish_profiler(spy)
         conns = self.upstream_conns() - conns0
@@ -404,7 +470,9 @@ class Bench:
             result["server_cpu_s"] = cpu
             result["server_cpu_s_each"] = each  # with 2 processes: how SO_REUSEPORT shared the work
             result["server_cpu_ms_per_request"] = cpu * 1000 / requests if requests else math.nan
-            result["server_cpu_percent"] = 100 * cpu / result["duration_s"] if result["duration_s"] else math.nan
+            result["server_cpu_percent"] = (
+                100 * cpu / result["duration_s"] if result["duration_s"] else math.nan
+            )
         result["upstream_cpu_ms_per_request"] = up_cpu * 1000 / requests if requests else math.nan
         result["upstream_connections_opened"] = conns
         result["upstream_connections_per_10k"] = conns * 10_000 / requests if requests else math.nan
@@ -424,7 +492,9 @@ class Bench:
                     loadgen.fetch("127.0.0.1", port, "POST", route.path, body, headers)
                 )
             except Exception as error:  # noqa: BLE001 - reported, not raised
-                self.errors.append(f"{route.name} sanity ({'stream' if stream else 'non-stream'}): {error!r}")
+                self.errors.append(
+                    f"{route.name} sanity ({'stream' if stream else 'non-stream'}): {error!r}"
+                )
                 continue
             content_events = response.body.count(b'"delta":{"content":"')
             ok = response.status == 200 and (
@@ -438,21 +508,32 @@ class Bench:
                     f"{content_events} content events, body {response.body[:200]!r}"
                 )
 
-    def event_latency(self, port: int, route: Route, pad: int = 0, gap_ms: float | None = None) -> dict:
+    def event_latency(
+        self, port: int, route: Route, pad: int = 0, gap_ms: float | None = None
+    ) -> dict:
         """Per-event latency from the stand-in's write to this client, events `gap_ms` apart."""
         gap_ms = gap_ms or self.plan.gap_ms
         self.configure_upstream(gap_ms=gap_ms, pad=pad)
         body, headers = self.request_parts(route, True)
 
         async def sent_times(request_id: str) -> list[list[int]]:
-            answer = await loadgen.get_json("127.0.0.1", self.upstream_port, f"/_bench/sent?id={request_id}")
+            answer = await loadgen.get_json(
+                "127.0.0.1", self.upstream_port, f"/_bench/sent?id={request_id}"
+            )
             return answer["sent"]
 
         try:
             result = asyncio.run(
                 loadgen.timed_streams(
-                    "127.0.0.1", port, route.path, body, headers, streams=self.plan.timed_streams,
-                    tag=f"bench-{route.name}", sent_times=sent_times, timeout=30 + 30 * gap_ms / 1000,
+                    "127.0.0.1",
+                    port,
+                    route.path,
+                    body,
+                    headers,
+                    streams=self.plan.timed_streams,
+                    tag=f"bench-{route.name}",
+                    sent_times=sent_times,
+                    timeout=30 + 30 * gap_ms / 1000,
                     stagger=gap_ms / 1000 / self.plan.timed_streams,
                 )
             )
@@ -469,16 +550,27 @@ class Bench:
         raw = loadgen.build_request("POST", route.path, body, headers)
         conns0 = self.upstream_conns()
         result = asyncio.run(
-            loadgen.load("127.0.0.1", port, raw, connections=1, duration=120, max_requests=self.plan.sequential)
+            loadgen.load(
+                "127.0.0.1",
+                port,
+                raw,
+                connections=1,
+                duration=120,
+                max_requests=self.plan.sequential,
+            )
         )
         opened = self.upstream_conns() - conns0
         errors = {kind: count for kind, count in result["errors"].items() if count}
         if errors or result["requests"] != self.plan.sequential:
-            self.errors.append(f"{route.name} sequential: {result['requests']} requests, errors {errors}")
+            self.errors.append(
+                f"{route.name} sequential: {result['requests']} requests, errors {errors}"
+            )
         return {
             "requests": result["requests"],
             "upstream_connections_opened": opened,
-            "upstream_connections_per_10k": opened * 10_000 / result["requests"] if result["requests"] else math.nan,
+            "upstream_connections_per_10k": opened * 10_000 / result["requests"]
+            if result["requests"]
+            else math.nan,
             "max_clients": int(self.extra_env.get("MAX_CLIENTS", DEFAULT_MAX_CLIENTS)),
             "p50_ms": result["latency_ms"]["p50"],
         }
@@ -492,7 +584,9 @@ class Bench:
         own = server is None
         if own:
             server, port = self.start_server(
-                f"server-held-{route.name}", cpus=self.server_cpus, **{"MAX_CLIENTS": str(max_clients)}
+                f"server-held-{route.name}",
+                cpus=self.server_cpus,
+                **{"MAX_CLIENTS": str(max_clients)},
             )
         assert server is not None and port is not None
         baseline = server.memory_kb()
@@ -518,8 +612,15 @@ class Bench:
         try:
             result = asyncio.run(
                 loadgen.held_streams(
-                    "127.0.0.1", port, route.path, body, headers, streams=plan.held, connect_parallel=100,
-                    open_timeout=60 if not plan.quick else 10, on_all_open=on_all_open,
+                    "127.0.0.1",
+                    port,
+                    route.path,
+                    body,
+                    headers,
+                    streams=plan.held,
+                    connect_parallel=100,
+                    open_timeout=60 if not plan.quick else 10,
+                    on_all_open=on_all_open,
                     finish_timeout=90 if not plan.quick else 10,
                 )
             )
@@ -528,7 +629,9 @@ class Bench:
             self.upstream_get("/_bench/release")
             if own:
                 self.stop(server)
-        result["max_clients"] = max_clients if own else int(self.extra_env.get("MAX_CLIENTS", DEFAULT_MAX_CLIENTS))
+        result["max_clients"] = (
+            max_clients if own else int(self.extra_env.get("MAX_CLIENTS", DEFAULT_MAX_CLIENTS))
+        )
         if result["dropped"] or result["opened"] < plan.held:
             self.errors.append(
                 f"{route.name} held streams: {result['opened']} of {plan.held} opened, {result['dropped']} dropped "
@@ -545,11 +648,23 @@ class Bench:
             with own_affinity(everywhere):
                 first, port = self.start_server(f"server-1of2-{route.name}")
                 try:
-                    one = self.measured(f"{route.name} 1 process", [first], port, route, False, self.plan.connections)
+                    one = self.measured(
+                        f"{route.name} 1 process",
+                        [first],
+                        port,
+                        route,
+                        False,
+                        self.plan.connections,
+                    )
                     second, _ = self.start_server(f"server-2of2-{route.name}", port=port)
                     try:
                         two = self.measured(
-                            f"{route.name} 2 processes", [first, second], port, route, False, self.plan.connections
+                            f"{route.name} 2 processes",
+                            [first, second],
+                            port,
+                            route,
+                            False,
+                            self.plan.connections,
                         )
                     finally:
                         self.stop(second)
@@ -585,21 +700,43 @@ end
 """
 
 
-def run_wrk(wrk: str, workdir: Path, port: int, path: str, body: bytes, headers: dict[str, str],
-            connections: int, seconds: int) -> dict:
+def run_wrk(
+    wrk: str,
+    workdir: Path,
+    port: int,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    connections: int,
+    seconds: int,
+) -> dict:
     text = body.decode()
     if "]==]" in text:
         raise ValueError("request body cannot be embedded in the wrk script")
-    header_lines = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items())
+    header_lines = "\n".join(
+        f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items()
+    )
     script = workdir / f"wrk-{abs(hash((path, body, tuple(headers.items()))))}.lua"
     script.write_text(WRK_LUA.format(body=text, headers=header_lines))
-    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script),
-               f"http://127.0.0.1:{port}{path}"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30,
-                               preexec_fn=die_with_parent)
+    command = [
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{path}",
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + 30, preexec_fn=die_with_parent
+    )
     match = re.search(r"^WRK_JSON (.*)$", completed.stdout, re.M)
     if completed.returncode != 0 or not match:
-        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stdout}{completed.stderr}")
+        raise RuntimeError(
+            f"wrk failed ({completed.returncode}): {completed.stdout}{completed.stderr}"
+        )
     raw = json.loads(match.group(1))
     duration = raw["duration_us"] / 1e6
     return {
@@ -627,18 +764,28 @@ def ensure_wrk(quick: bool, loadgen_choice: str) -> str | None:
     found = shutil.which("wrk")
     if found or quick:
         if not found:
-            print("wrk not found: the smoke run uses the built-in Python load loop. " + WRK_INSTALL_HINT)
+            print(
+                "wrk not found: the smoke run uses the built-in Python load loop. "
+                + WRK_INSTALL_HINT
+            )
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
         print("wrk not found: installing it with apt-get ...", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-q"], env=env, check=False, stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], env=env, check=False, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "wrk"],
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
         found = shutil.which("wrk")
     if not found:
         print(WRK_INSTALL_HINT, file=sys.stderr)
-        print("Or run with --loadgen python (a weaker generator: its own CPU use lowers the figures).",
-              file=sys.stderr)
+        print(
+            "Or run with --loadgen python (a weaker generator: its own CPU use lowers the figures).",
+            file=sys.stderr,
+        )
     return found
 
 
@@ -651,9 +798,24 @@ def start_profiler(pid: int, seconds: float, output: Path) -> subprocess.Popen |
         print("py-spy not found (pip install py-spy): no profile taken", file=sys.stderr)
         return None
     return subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "250",
-         "--format", "raw", "--output", str(output), "--nonblocking"],
-        stdout=subprocess.DEVNULL, stderr=open(output.with_suffix(".log"), "wb"), preexec_fn=die_with_parent,
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, round(seconds))),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(output.with_suffix(".log"), "wb"),
+        preexec_fn=die_with_parent,
     )
 
 
@@ -676,10 +838,14 @@ def frame_name(frame: str) -> tuple[str, str]:
     path = match.group("file")
     for marker in ("/site-packages/", "/lib/python3."):
         if marker in path:
-            path = path.split(marker, 1)[1].split("/", 1)[-1] if marker == "/lib/python3." else path.split(marker, 1)[1]
+            path = (
+                path.split(marker, 1)[1].split("/", 1)[-1]
+                if marker == "/lib/python3."
+                else path.split(marker, 1)[1]
+            )
             break
     if path.startswith(str(ROOT) + "/"):
-        path = path[len(str(ROOT)) + 1:]
+        path = path[len(str(ROOT)) + 1 :]
     return f"{match.group('func')} ({path})", path
 
 
@@ -713,11 +879,17 @@ def summarise_profile(path: Path, top: int = 15) -> dict:
             total_counts[name] += count
 
     def share(counter: Counter[str], limit: int = top) -> list[dict]:
-        return [{"function": name, "percent": round(100 * count / samples, 1)} for name, count in
-                counter.most_common(limit)]
+        return [
+            {"function": name, "percent": round(100 * count / samples, 1)}
+            for name, count in counter.most_common(limit)
+        ]
 
-    return {"samples": samples, "self": share(self_counts), "inclusive": share(total_counts, 40),
-            "modules": share(module_counts)}
+    return {
+        "samples": samples,
+        "self": share(self_counts),
+        "inclusive": share(total_counts, 40),
+        "modules": share(module_counts),
+    }
 
 
 # ---------------------------------------------------------------- the run
@@ -725,9 +897,20 @@ def summarise_profile(path: Path, top: int = 15) -> dict:
 
 def slim(result: dict) -> dict:
     """The fields of a load run worth keeping in the JSON."""
-    keep = ("rps", "requests", "duration_s", "latency_ms", "errors", "generator", "server_cpu_ms_per_request",
-            "server_cpu_percent", "server_cpu_s_each", "upstream_cpu_ms_per_request",
-            "upstream_connections_opened", "upstream_connections_per_10k")
+    keep = (
+        "rps",
+        "requests",
+        "duration_s",
+        "latency_ms",
+        "errors",
+        "generator",
+        "server_cpu_ms_per_request",
+        "server_cpu_percent",
+        "server_cpu_s_each",
+        "upstream_cpu_ms_per_request",
+        "upstream_connections_opened",
+        "upstream_connections_per_10k",
+    )
     return {name: result[name] for name in keep if name in result}
 
 
@@ -740,8 +923,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def loadavg() -> float | None:
@@ -774,11 +961,25 @@ def _idle_ticks() -> int | None:
 
 def git_commit() -> str | None:
     try:
-        completed = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                   text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return completed.stdout.strip() + ("+dirty" if dirty else "") if completed.returncode == 0 else None
+        completed = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return (
+            completed.stdout.strip() + ("+dirty" if dirty else "")
+            if completed.returncode == 0
+            else None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -790,7 +991,7 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     routes = [ROUTES[name] for name in args.routes.split(",")]
     results: dict[str, Any] = {
         "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "mode": "quick" if plan.quick else "full",
             **machine(),
             "git": git_commit(),
@@ -799,8 +1000,9 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             "caller_keys": not args.open,
             "pinned": bench.pin,
             "pinning": f"server and reference proxy on CPU {min(ALL_CPUS)}; load generator, stand-in and "
-                       "this script on the rest"
-            if bench.pin else "none",
+            "this script on the rest"
+            if bench.pin
+            else "none",
             "loadavg_before": loadavg(),
             "plan": dataclasses.asdict(plan),
             "routes": [route.path for route in routes],
@@ -850,28 +1052,86 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         short_generator = None if not plan.quick else "python"
         short_duration = plan.duration if not plan.quick else 0.2
         direct = results["direct"]
-        direct["nonstream_c1"] = phase("direct non-stream, 1 connection", lambda: slim(bench.measured(
-            "direct nonstream c1", [], bench.upstream_port, DIRECT, False, 1, short_generator, short_duration)))
-        direct["stream_c1"] = phase("direct stream, 1 connection", lambda: slim(bench.measured(
-            "direct stream c1", [], bench.upstream_port, DIRECT, True, 1, short_generator, short_duration)))
+        direct["nonstream_c1"] = phase(
+            "direct non-stream, 1 connection",
+            lambda: slim(
+                bench.measured(
+                    "direct nonstream c1",
+                    [],
+                    bench.upstream_port,
+                    DIRECT,
+                    False,
+                    1,
+                    short_generator,
+                    short_duration,
+                )
+            ),
+        )
+        direct["stream_c1"] = phase(
+            "direct stream, 1 connection",
+            lambda: slim(
+                bench.measured(
+                    "direct stream c1",
+                    [],
+                    bench.upstream_port,
+                    DIRECT,
+                    True,
+                    1,
+                    short_generator,
+                    short_duration,
+                )
+            ),
+        )
         if not plan.quick:
-            direct["nonstream_c50"] = phase("direct non-stream, 50 connections", lambda: slim(bench.measured(
-                "direct nonstream c50", [], bench.upstream_port, DIRECT, False, plan.connections)))
-            direct["stream_c50"] = phase("direct stream, 50 connections", lambda: slim(bench.measured(
-                "direct stream c50", [], bench.upstream_port, DIRECT, True, plan.connections)))
-        direct["events"] = phase("direct event latency", lambda: bench.event_latency(bench.upstream_port, DIRECT))
+            direct["nonstream_c50"] = phase(
+                "direct non-stream, 50 connections",
+                lambda: slim(
+                    bench.measured(
+                        "direct nonstream c50",
+                        [],
+                        bench.upstream_port,
+                        DIRECT,
+                        False,
+                        plan.connections,
+                    )
+                ),
+            )
+            direct["stream_c50"] = phase(
+                "direct stream, 50 connections",
+                lambda: slim(
+                    bench.measured(
+                        "direct stream c50", [], bench.upstream_port, DIRECT, True, plan.connections
+                    )
+                ),
+            )
+        direct["events"] = phase(
+            "direct event latency", lambda: bench.event_latency(bench.upstream_port, DIRECT)
+        )
         if plan.fast_gap_ms:
             direct["events_fast"] = phase(
                 f"direct event latency, events {plan.fast_gap_ms:g} ms apart",
-                lambda: bench.event_latency(bench.upstream_port, DIRECT, gap_ms=plan.fast_gap_ms))
-        direct["events_large"] = phase("direct event latency, large events",
-                                       lambda: bench.event_latency(bench.upstream_port, DIRECT, plan.pad))
+                lambda: bench.event_latency(bench.upstream_port, DIRECT, gap_ms=plan.fast_gap_ms),
+            )
+        direct["events_large"] = phase(
+            "direct event latency, large events",
+            lambda: bench.event_latency(bench.upstream_port, DIRECT, plan.pad),
+        )
 
         def spaced(proc: Proc, port: int, route: Route) -> dict:
             bench.configure_upstream(gap_ms=plan.spaced_gap_ms)
             try:
-                result = slim(bench.measured(f"{route.name} stream spaced", [proc], port, route, True,
-                                             plan.connections, short_generator, short_duration))
+                result = slim(
+                    bench.measured(
+                        f"{route.name} stream spaced",
+                        [proc],
+                        port,
+                        route,
+                        True,
+                        plan.connections,
+                        short_generator,
+                        short_duration,
+                    )
+                )
             finally:
                 bench.configure_upstream()
             result["gap_ms"] = plan.spaced_gap_ms
@@ -879,21 +1139,68 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
 
         def proxied(proc: Proc, port: int, route: Route, out: dict[str, Any]) -> None:
             """The runs a route and the reference share: throughput and CPU at 50 connections, latency at 1."""
-            out["nonstream_c50"] = phase("non-stream, 50 connections", lambda: slim(bench.measured(
-                f"{route.name} nonstream c50", [proc], port, route, False, plan.connections)))
-            out["stream_c50"] = phase("stream, 50 connections", lambda: slim(bench.measured(
-                f"{route.name} stream c50", [proc], port, route, True, plan.connections, short_generator,
-                None if not plan.quick else short_duration)))
-            out["nonstream_c1"] = phase("non-stream, 1 connection", lambda: slim(bench.measured(
-                f"{route.name} nonstream c1", [proc], port, route, False, 1, short_generator, short_duration)))
-            out["stream_c1"] = phase("stream, 1 connection", lambda: slim(bench.measured(
-                f"{route.name} stream c1", [proc], port, route, True, 1, short_generator, short_duration)))
-            out["stream_spaced_c50"] = phase(f"stream, events {plan.spaced_gap_ms:g} ms apart",
-                                             lambda: spaced(proc, port, route))
+            out["nonstream_c50"] = phase(
+                "non-stream, 50 connections",
+                lambda: slim(
+                    bench.measured(
+                        f"{route.name} nonstream c50", [proc], port, route, False, plan.connections
+                    )
+                ),
+            )
+            out["stream_c50"] = phase(
+                "stream, 50 connections",
+                lambda: slim(
+                    bench.measured(
+                        f"{route.name} stream c50",
+                        [proc],
+                        port,
+                        route,
+                        True,
+                        plan.connections,
+                        short_generator,
+                        None if not plan.quick else short_duration,
+                    )
+                ),
+            )
+            out["nonstream_c1"] = phase(
+                "non-stream, 1 connection",
+                lambda: slim(
+                    bench.measured(
+                        f"{route.name} nonstream c1",
+                        [proc],
+                        port,
+                        route,
+                        False,
+                        1,
+                        short_generator,
+                        short_duration,
+                    )
+                ),
+            )
+            out["stream_c1"] = phase(
+                "stream, 1 connection",
+                lambda: slim(
+                    bench.measured(
+                        f"{route.name} stream c1",
+                        [proc],
+                        port,
+                        route,
+                        True,
+                        1,
+                        short_generator,
+                        short_duration,
+                    )
+                ),
+            )
+            out["stream_spaced_c50"] = phase(
+                f"stream, events {plan.spaced_gap_ms:g} ms apart", lambda: spaced(proc, port, route)
+            )
             for kind in ("nonstream", "stream"):
                 through, base = out.get(f"{kind}_c1"), direct.get(f"{kind}_c1")
                 out[f"{kind}_added_p50_ms"] = (
-                    through["latency_ms"]["p50"] - base["latency_ms"]["p50"] if through and base else None
+                    through["latency_ms"]["p50"] - base["latency_ms"]["p50"]
+                    if through and base
+                    else None
                 )
 
         print(f"reference (bench/reference_proxy.py, {REFERENCE.path} requests)", flush=True)
@@ -916,25 +1223,45 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             for kind in ("nonstream", "stream", "stream_spaced"):
                 mine = dig(out, f"{kind}_c50", "server_cpu_ms_per_request")
                 theirs = dig(reference, f"{kind}_c50", "server_cpu_ms_per_request")
-                out[f"{kind}_cpu_vs_reference"] = mine / theirs if mine is not None and theirs else None
+                out[f"{kind}_cpu_vs_reference"] = (
+                    mine / theirs if mine is not None and theirs else None
+                )
             if profile_dir:  # runs of their own: sampling must not touch the measured ones
                 for kind, stream in (("nonstream", False), ("stream", True)):
-                    phase(f"profile {kind}, 50 connections", lambda: bench.measured(
-                        f"{route.name} {kind} profiled", [server], port, route, stream, plan.connections,
-                        profile_to=prof(kind)))
+                    phase(
+                        f"profile {kind}, 50 connections",
+                        lambda: bench.measured(
+                            f"{route.name} {kind} profiled",
+                            [server],
+                            port,
+                            route,
+                            stream,
+                            plan.connections,
+                            profile_to=prof(kind),
+                        ),
+                    )
 
-            out["events"] = phase(f"event latency, events {plan.gap_ms:g} ms apart",
-                                  lambda: bench.event_latency(port, route))
+            out["events"] = phase(
+                f"event latency, events {plan.gap_ms:g} ms apart",
+                lambda: bench.event_latency(port, route),
+            )
             if plan.fast_gap_ms:
-                out["events_fast"] = phase(f"event latency, events {plan.fast_gap_ms:g} ms apart",
-                                           lambda: bench.event_latency(port, route, gap_ms=plan.fast_gap_ms))
-            out["events_large"] = phase(f"event latency, {plan.pad} B content events",
-                                        lambda: bench.event_latency(port, route, plan.pad))
-            out["sequential"] = phase(f"{plan.sequential} sequential requests",
-                                      lambda: bench.sequential(port, route))
+                out["events_fast"] = phase(
+                    f"event latency, events {plan.fast_gap_ms:g} ms apart",
+                    lambda: bench.event_latency(port, route, gap_ms=plan.fast_gap_ms),
+                )
+            out["events_large"] = phase(
+                f"event latency, {plan.pad} B content events",
+                lambda: bench.event_latency(port, route, plan.pad),
+            )
+            out["sequential"] = phase(
+                f"{plan.sequential} sequential requests", lambda: bench.sequential(port, route)
+            )
             out["held_streams"] = phase(
                 f"{plan.held} concurrent open streams",
-                lambda: bench.held_streams(route, server if plan.quick else None, port if plan.quick else None),
+                lambda: bench.held_streams(
+                    route, server if plan.quick else None, port if plan.quick else None
+                ),
             )
             if plan.two_processes:
                 out["two_processes"] = phase("1 vs 2 processes", lambda: bench.two_processes(route))
@@ -944,7 +1271,8 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             for route in routes:
                 for kind in ("nonstream", "stream"):
                     results["profile"][f"{route.name}_{kind}"] = summarise_profile(
-                        profile_dir / f"profile-{route.name}-{kind}.txt")
+                        profile_dir / f"profile-{route.name}-{kind}.txt"
+                    )
         if not server.alive():
             bench.errors.append(f"the server exited during the run:\n{server.tail()}")
     except Exception as error:  # noqa: BLE001
@@ -976,23 +1304,59 @@ def judge(results: dict, plan: Plan) -> list[dict]:
     """Each target, per route: the measured value and whether it is met."""
     held = plan.held
     checks = [
-        ("cpu_ms_per_nonstream_request", ("nonstream_c50", "server_cpu_ms_per_request"), "<=", TARGET_CPU_REQUEST_MS),
-        ("cpu_ms_per_stream", ("stream_c50", "server_cpu_ms_per_request"), "<=", TARGET_CPU_STREAM_MS),
-        ("cpu_ms_per_stream_spaced_events", ("stream_spaced_c50", "server_cpu_ms_per_request"), "<=",
-         TARGET_CPU_STREAM_MS),
-        ("cpu_ms_per_nonstream_request_vs_reference", ("nonstream_cpu_vs_reference",), "<=",
-         TARGET_CPU_REQUEST_RATIO),
-        ("cpu_ms_per_stream_vs_reference", ("stream_cpu_vs_reference",), "<=", TARGET_CPU_STREAM_RATIO),
-        ("cpu_ms_per_stream_spaced_events_vs_reference", ("stream_spaced_cpu_vs_reference",), "<=",
-         TARGET_CPU_STREAM_RATIO),
+        (
+            "cpu_ms_per_nonstream_request",
+            ("nonstream_c50", "server_cpu_ms_per_request"),
+            "<=",
+            TARGET_CPU_REQUEST_MS,
+        ),
+        (
+            "cpu_ms_per_stream",
+            ("stream_c50", "server_cpu_ms_per_request"),
+            "<=",
+            TARGET_CPU_STREAM_MS,
+        ),
+        (
+            "cpu_ms_per_stream_spaced_events",
+            ("stream_spaced_c50", "server_cpu_ms_per_request"),
+            "<=",
+            TARGET_CPU_STREAM_MS,
+        ),
+        (
+            "cpu_ms_per_nonstream_request_vs_reference",
+            ("nonstream_cpu_vs_reference",),
+            "<=",
+            TARGET_CPU_REQUEST_RATIO,
+        ),
+        (
+            "cpu_ms_per_stream_vs_reference",
+            ("stream_cpu_vs_reference",),
+            "<=",
+            TARGET_CPU_STREAM_RATIO,
+        ),
+        (
+            "cpu_ms_per_stream_spaced_events_vs_reference",
+            ("stream_spaced_cpu_vs_reference",),
+            "<=",
+            TARGET_CPU_STREAM_RATIO,
+        ),
         ("added_p50_ms_1_connection", ("nonstream_added_p50_ms",), "<=", TARGET_ADDED_P50_MS),
         ("nonstream_rps_1_process", ("nonstream_c50", "rps"), ">=", TARGET_RPS),
         ("first_event_ms_max", ("events", "first_event_ms", "max"), "<=", TARGET_EVENT_MS),
         ("any_event_ms_p99", ("events", "any_event_ms", "p99"), "<=", TARGET_EVENT_MS),
-        ("any_event_ms_p99_fast_tokens", ("events_fast", "any_event_ms", "p99"), "<=", TARGET_EVENT_MS),
+        (
+            "any_event_ms_p99_fast_tokens",
+            ("events_fast", "any_event_ms", "p99"),
+            "<=",
+            TARGET_EVENT_MS,
+        ),
         ("any_large_event_ms_p99", ("events_large", "any_event_ms", "p99"), "<=", TARGET_EVENT_MS),
-        ("upstream_connections_per_10k_sequential", ("sequential", "upstream_connections_per_10k"), "<=",
-         DEFAULT_MAX_CLIENTS),
+        (
+            "upstream_connections_per_10k_sequential",
+            ("sequential", "upstream_connections_per_10k"),
+            "<=",
+            DEFAULT_MAX_CLIENTS,
+        ),
         (f"rss_mb_{held}_open_streams", ("held_streams", "rss_mb"), "<=", TARGET_RSS_MB),
         (f"streams_dropped_of_{held}", ("held_streams", "dropped"), "<=", 0),
     ]
@@ -1003,8 +1367,16 @@ def judge(results: dict, plan: Plan) -> list[dict]:
             met = None
             if isinstance(value, (int, float)) and not math.isnan(value):
                 met = value <= target if op == "<=" else value >= target
-            targets.append({"metric": name, "route": route, "value": value, "op": op, "target": target,
-                            "met": met})
+            targets.append(
+                {
+                    "metric": name,
+                    "route": route,
+                    "value": value,
+                    "op": op,
+                    "target": target,
+                    "met": met,
+                }
+            )
     return targets
 
 
@@ -1037,75 +1409,236 @@ def table(results: dict) -> str:
     def triple(obj: dict, key: str) -> str:
         if dig(obj, key) is None:
             return "-"
-        return " / ".join(fmt(dig(obj, key, "any_event_ms", name)) for name in ("p50", "p99", "max"))
+        return " / ".join(
+            fmt(dig(obj, key, "any_event_ms", name)) for name in ("p50", "p99", "max")
+        )
 
     rows: list[tuple[str, Callable[[dict], str], bool, str, str | None]] = [
         # label, value of a route's results, whether the reference has it too, direct value, target metric name
-        ("Non-stream req/s, 50 conns", lambda r: fmt(dig(r, "nonstream_c50", "rps")), True,
-         fmt(dig(direct, "nonstream_c50", "rps")), "nonstream_rps_1_process"),
-        ("  server CPU busy during that run (%)", lambda r: fmt(dig(r, "nonstream_c50", "server_cpu_percent"), 0),
-         True, "", None),
-        ("  req/s one fully busy core would give (1000 / CPU ms)",
-         lambda r: fmt(ceiling(dig(r, "nonstream_c50", "server_cpu_ms_per_request"))), True, "", None),
-        ("Non-stream p50 / p99 ms, 50 conns", lambda r: pair(dig(r, "nonstream_c50", "latency_ms", "p50"),
-                                                             dig(r, "nonstream_c50", "latency_ms", "p99")), True,
-         pair(dig(direct, "nonstream_c50", "latency_ms", "p50"), dig(direct, "nonstream_c50", "latency_ms", "p99")),
-         None),
-        ("Stream req/s, 50 conns (20 content events)", lambda r: fmt(dig(r, "stream_c50", "rps")), True,
-         fmt(dig(direct, "stream_c50", "rps")), None),
-        ("Stream p50 / p99 ms, 50 conns", lambda r: pair(dig(r, "stream_c50", "latency_ms", "p50"),
-                                                         dig(r, "stream_c50", "latency_ms", "p99")), True,
-         pair(dig(direct, "stream_c50", "latency_ms", "p50"), dig(direct, "stream_c50", "latency_ms", "p99")), None),
-        ("Non-stream p50 ms, 1 conn", lambda r: fmt(dig(r, "nonstream_c1", "latency_ms", "p50"), 3), True,
-         fmt(dig(direct, "nonstream_c1", "latency_ms", "p50"), 3), None),
-        ("  added by the server (p50 ms)", lambda r: fmt(dig(r, "nonstream_added_p50_ms"), 3), True, "",
-         "added_p50_ms_1_connection"),
-        ("Stream p50 ms, 1 conn", lambda r: fmt(dig(r, "stream_c1", "latency_ms", "p50"), 3), True,
-         fmt(dig(direct, "stream_c1", "latency_ms", "p50"), 3), None),
-        ("  added by the server (p50 ms)", lambda r: fmt(dig(r, "stream_added_p50_ms"), 3), True, "", None),
-        ("Server CPU ms / non-stream request", lambda r: fmt(dig(r, "nonstream_c50", "server_cpu_ms_per_request"), 3),
-         True, "", "cpu_ms_per_nonstream_request"),
-        ("  × the reference's", lambda r: fmt(dig(r, "nonstream_cpu_vs_reference")), False, "",
-         "cpu_ms_per_nonstream_request_vs_reference"),
-        ("Server CPU ms / stream (events back to back)",
-         lambda r: fmt(dig(r, "stream_c50", "server_cpu_ms_per_request"), 3), True, "", "cpu_ms_per_stream"),
-        ("  × the reference's", lambda r: fmt(dig(r, "stream_cpu_vs_reference")), False, "",
-         "cpu_ms_per_stream_vs_reference"),
-        (f"Server CPU ms / stream (events {plan['spaced_gap_ms']:g} ms apart)",
-         lambda r: fmt(dig(r, "stream_spaced_c50", "server_cpu_ms_per_request"), 3), True, "",
-         "cpu_ms_per_stream_spaced_events"),
-        ("  × the reference's", lambda r: fmt(dig(r, "stream_spaced_cpu_vs_reference")), False, "",
-         "cpu_ms_per_stream_spaced_events_vs_reference"),
-        ("Stand-in CPU ms / non-stream request", lambda r: fmt(dig(r, "nonstream_c50", "upstream_cpu_ms_per_request"), 3),
-         True, "", None),
-        (f"First event, upstream -> caller ms (max, {plan['gap_ms']:g} ms gaps)",
-         lambda r: fmt(dig(r, "events", "first_event_ms", "max"), 3), False,
-         fmt(dig(direct, "events", "first_event_ms", "max"), 3), "first_event_ms_max"),
-        ("Every event, upstream -> caller ms (p50 / p99 / max)",
-         lambda r: triple(r, "events"), False, triple(direct, "events"), "any_event_ms_p99"),
-        *([(f"  same, events {plan['fast_gap_ms']:g} ms apart",
-            lambda r: triple(r, "events_fast"), False, triple(direct, "events_fast"), "any_event_ms_p99_fast_tokens")]
-          if plan["fast_gap_ms"] else []),
-        (f"  same, {plan['pad'] // 1024} KiB content events",
-         lambda r: triple(r, "events_large"), False, triple(direct, "events_large"), "any_large_event_ms_p99"),
-        (f"Upstream conns opened, {plan['sequential']:,} sequential requests",
-         lambda r: fmt(dig(r, "sequential", "upstream_connections_opened")), False, "", None),
-        ("  per 10,000 requests", lambda r: fmt(dig(r, "sequential", "upstream_connections_per_10k"), 1), False, "",
-         "upstream_connections_per_10k_sequential"),
-        ("Upstream conns per 10,000 requests, 50 conns",
-         lambda r: fmt(dig(r, "nonstream_c50", "upstream_connections_per_10k"), 1), True, "", None),
-        (f"RSS MB, {held:,} open streams (before)",
-         lambda r: f"{fmt(dig(r, 'held_streams', 'rss_mb'), 0)} ({fmt(dig(r, 'held_streams', 'rss_before_mb'), 0)})",
-         False, "", f"rss_mb_{held}_open_streams"),
-        (f"Streams opened / dropped, of {held:,}",
-         lambda r: f"{fmt(dig(r, 'held_streams', 'opened'))} / {fmt(dig(r, 'held_streams', 'dropped'))}", False, "",
-         f"streams_dropped_of_{held}"),
-        (f"Server CPU % with {held:,} idle open streams",
-         lambda r: fmt(dig(r, "held_streams", "idle_cpu_percent"), 1), False, "", None),
-        ("Non-stream req/s, 1 vs 2 processes (unpinned)",
-         lambda r: (f"{fmt(dig(r, 'two_processes', 'one_process', 'rps'))} vs "
-                    f"{fmt(dig(r, 'two_processes', 'two_processes', 'rps'))}")
-         if dig(r, "two_processes", "one_process") else "skipped", False, "", None),
+        (
+            "Non-stream req/s, 50 conns",
+            lambda r: fmt(dig(r, "nonstream_c50", "rps")),
+            True,
+            fmt(dig(direct, "nonstream_c50", "rps")),
+            "nonstream_rps_1_process",
+        ),
+        (
+            "  server CPU busy during that run (%)",
+            lambda r: fmt(dig(r, "nonstream_c50", "server_cpu_percent"), 0),
+            True,
+            "",
+            None,
+        ),
+        (
+            "  req/s one fully busy core would give (1000 / CPU ms)",
+            lambda r: fmt(ceiling(dig(r, "nonstream_c50", "server_cpu_ms_per_request"))),
+            True,
+            "",
+            None,
+        ),
+        (
+            "Non-stream p50 / p99 ms, 50 conns",
+            lambda r: pair(
+                dig(r, "nonstream_c50", "latency_ms", "p50"),
+                dig(r, "nonstream_c50", "latency_ms", "p99"),
+            ),
+            True,
+            pair(
+                dig(direct, "nonstream_c50", "latency_ms", "p50"),
+                dig(direct, "nonstream_c50", "latency_ms", "p99"),
+            ),
+            None,
+        ),
+        (
+            "Stream req/s, 50 conns (20 content events)",
+            lambda r: fmt(dig(r, "stream_c50", "rps")),
+            True,
+            fmt(dig(direct, "stream_c50", "rps")),
+            None,
+        ),
+        (
+            "Stream p50 / p99 ms, 50 conns",
+            lambda r: pair(
+                dig(r, "stream_c50", "latency_ms", "p50"), dig(r, "stream_c50", "latency_ms", "p99")
+            ),
+            True,
+            pair(
+                dig(direct, "stream_c50", "latency_ms", "p50"),
+                dig(direct, "stream_c50", "latency_ms", "p99"),
+            ),
+            None,
+        ),
+        (
+            "Non-stream p50 ms, 1 conn",
+            lambda r: fmt(dig(r, "nonstream_c1", "latency_ms", "p50"), 3),
+            True,
+            fmt(dig(direct, "nonstream_c1", "latency_ms", "p50"), 3),
+            None,
+        ),
+        (
+            "  added by the server (p50 ms)",
+            lambda r: fmt(dig(r, "nonstream_added_p50_ms"), 3),
+            True,
+            "",
+            "added_p50_ms_1_connection",
+        ),
+        (
+            "Stream p50 ms, 1 conn",
+            lambda r: fmt(dig(r, "stream_c1", "latency_ms", "p50"), 3),
+            True,
+            fmt(dig(direct, "stream_c1", "latency_ms", "p50"), 3),
+            None,
+        ),
+        (
+            "  added by the server (p50 ms)",
+            lambda r: fmt(dig(r, "stream_added_p50_ms"), 3),
+            True,
+            "",
+            None,
+        ),
+        (
+            "Server CPU ms / non-stream request",
+            lambda r: fmt(dig(r, "nonstream_c50", "server_cpu_ms_per_request"), 3),
+            True,
+            "",
+            "cpu_ms_per_nonstream_request",
+        ),
+        (
+            "  × the reference's",
+            lambda r: fmt(dig(r, "nonstream_cpu_vs_reference")),
+            False,
+            "",
+            "cpu_ms_per_nonstream_request_vs_reference",
+        ),
+        (
+            "Server CPU ms / stream (events back to back)",
+            lambda r: fmt(dig(r, "stream_c50", "server_cpu_ms_per_request"), 3),
+            True,
+            "",
+            "cpu_ms_per_stream",
+        ),
+        (
+            "  × the reference's",
+            lambda r: fmt(dig(r, "stream_cpu_vs_reference")),
+            False,
+            "",
+            "cpu_ms_per_stream_vs_reference",
+        ),
+        (
+            f"Server CPU ms / stream (events {plan['spaced_gap_ms']:g} ms apart)",
+            lambda r: fmt(dig(r, "stream_spaced_c50", "server_cpu_ms_per_request"), 3),
+            True,
+            "",
+            "cpu_ms_per_stream_spaced_events",
+        ),
+        (
+            "  × the reference's",
+            lambda r: fmt(dig(r, "stream_spaced_cpu_vs_reference")),
+            False,
+            "",
+            "cpu_ms_per_stream_spaced_events_vs_reference",
+        ),
+        (
+            "Stand-in CPU ms / non-stream request",
+            lambda r: fmt(dig(r, "nonstream_c50", "upstream_cpu_ms_per_request"), 3),
+            True,
+            "",
+            None,
+        ),
+        (
+            f"First event, upstream -> caller ms (max, {plan['gap_ms']:g} ms gaps)",
+            lambda r: fmt(dig(r, "events", "first_event_ms", "max"), 3),
+            False,
+            fmt(dig(direct, "events", "first_event_ms", "max"), 3),
+            "first_event_ms_max",
+        ),
+        (
+            "Every event, upstream -> caller ms (p50 / p99 / max)",
+            lambda r: triple(r, "events"),
+            False,
+            triple(direct, "events"),
+            "any_event_ms_p99",
+        ),
+        *(
+            [
+                (
+                    f"  same, events {plan['fast_gap_ms']:g} ms apart",
+                    lambda r: triple(r, "events_fast"),
+                    False,
+                    triple(direct, "events_fast"),
+                    "any_event_ms_p99_fast_tokens",
+                )
+            ]
+            if plan["fast_gap_ms"]
+            else []
+        ),
+        (
+            f"  same, {plan['pad'] // 1024} KiB content events",
+            lambda r: triple(r, "events_large"),
+            False,
+            triple(direct, "events_large"),
+            "any_large_event_ms_p99",
+        ),
+        (
+            f"Upstream conns opened, {plan['sequential']:,} sequential requests",
+            lambda r: fmt(dig(r, "sequential", "upstream_connections_opened")),
+            False,
+            "",
+            None,
+        ),
+        (
+            "  per 10,000 requests",
+            lambda r: fmt(dig(r, "sequential", "upstream_connections_per_10k"), 1),
+            False,
+            "",
+            "upstream_connections_per_10k_sequential",
+        ),
+        (
+            "Upstream conns per 10,000 requests, 50 conns",
+            lambda r: fmt(dig(r, "nonstream_c50", "upstream_connections_per_10k"), 1),
+            True,
+            "",
+            None,
+        ),
+        (
+            f"RSS MB, {held:,} open streams (before)",
+            lambda r: (
+                f"{fmt(dig(r, 'held_streams', 'rss_mb'), 0)} ({fmt(dig(r, 'held_streams', 'rss_before_mb'), 0)})"
+            ),
+            False,
+            "",
+            f"rss_mb_{held}_open_streams",
+        ),
+        (
+            f"Streams opened / dropped, of {held:,}",
+            lambda r: (
+                f"{fmt(dig(r, 'held_streams', 'opened'))} / {fmt(dig(r, 'held_streams', 'dropped'))}"
+            ),
+            False,
+            "",
+            f"streams_dropped_of_{held}",
+        ),
+        (
+            f"Server CPU % with {held:,} idle open streams",
+            lambda r: fmt(dig(r, "held_streams", "idle_cpu_percent"), 1),
+            False,
+            "",
+            None,
+        ),
+        (
+            "Non-stream req/s, 1 vs 2 processes (unpinned)",
+            lambda r: (
+                (
+                    f"{fmt(dig(r, 'two_processes', 'one_process', 'rps'))} vs "
+                    f"{fmt(dig(r, 'two_processes', 'two_processes', 'rps'))}"
+                )
+                if dig(r, "two_processes", "one_process")
+                else "skipped"
+            ),
+            False,
+            "",
+            None,
+        ),
     ]
     header = ["Metric", *routes, "reference", "direct", "target", "met"]
     lines = []
@@ -1119,14 +1652,19 @@ def table(results: dict) -> str:
             if first:
                 target_text = f"{'≤' if first['op'] == '<=' else '≥'} {fmt(first['target'])}"
                 met_text = " / ".join(
-                    "-" if not t or t["met"] is None else ("yes" if t["met"] else "NO") for t in found
+                    "-" if not t or t["met"] is None else ("yes" if t["met"] else "NO")
+                    for t in found
                 )
         lines.append([label, *values, reference_value, direct_value, target_text, met_text])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     out = []
     for index, row in enumerate([header, *lines]):
-        out.append("  ".join(str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
-                             for i, (cell, width) in enumerate(zip(row, widths))))
+        out.append(
+            "  ".join(
+                str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths))
+            )
+        )
         if index == 0:
             out.append("  ".join("-" * width for width in widths))
     return "\n".join(out)
@@ -1137,8 +1675,12 @@ def print_profile(results: dict) -> None:
         if not summary.get("samples"):
             continue
         print(f"\nprofile {name}: {summary['samples']} samples")
-        print("  own time by module:   " + ", ".join(
-            f"{entry['function']} {entry['percent']:.0f}%" for entry in summary["modules"][:10]))
+        print(
+            "  own time by module:   "
+            + ", ".join(
+                f"{entry['function']} {entry['percent']:.0f}%" for entry in summary["modules"][:10]
+            )
+        )
         print("  own time by function:")
         for entry in summary["self"][:10]:
             print(f"    {entry['percent']:5.1f}%  {entry['function']}")
@@ -1146,27 +1688,68 @@ def print_profile(results: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the smoke: a few seconds, every figure, no 2-process run")
-    parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where the JSON goes")
-    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
-                        help="auto: wrk if installed (the full run installs it when it can)")
-    parser.add_argument("--routes", default="gpt_chat,openai",
-                        help=f"comma-separated, of {', '.join(ROUTES)} (default gpt_chat,openai)")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="on a shared machine: wait up to this long for idle CPUs before starting")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the server and stand-in logs (kept anyway when the run had errors)")
-    parser.add_argument("--open", action="store_true",
-                        help="run the server without caller keys (default: API_KEYS set, every request keyed)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the smoke: a few seconds, every figure, no 2-process run",
+    )
+    parser.add_argument(
+        "--json", default=str(BENCH / "results" / "latest.json"), help="where the JSON goes"
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="auto: wrk if installed (the full run installs it when it can)",
+    )
+    parser.add_argument(
+        "--routes",
+        default="gpt_chat,openai",
+        help=f"comma-separated, of {', '.join(ROUTES)} (default gpt_chat,openai)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="on a shared machine: wait up to this long for idle CPUs before starting",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the server and stand-in logs (kept anyway when the run had errors)",
+    )
+    parser.add_argument(
+        "--open",
+        action="store_true",
+        help="run the server without caller keys (default: API_KEYS set, every request keyed)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample the server with py-spy during the 50-connection runs")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for server.py (repeatable)")
-    parser.add_argument("--server-script", default="server.py", metavar="SCRIPT",
-                        help="what the venv's python runs as the server (default server.py): to try a change")
-    parser.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
-                        help="extra header on every request to the server (repeatable)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the server with py-spy during the 50-connection runs",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for server.py (repeatable)",
+    )
+    parser.add_argument(
+        "--server-script",
+        default="server.py",
+        metavar="SCRIPT",
+        help="what the venv's python runs as the server (default server.py): to try a change",
+    )
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="extra header on every request to the server (repeatable)",
+    )
     args = parser.parse_args()
     for name in args.routes.split(","):
         if name not in ROUTES:
@@ -1177,20 +1760,31 @@ def main() -> int:
     wrk = ensure_wrk(plan.quick, args.loadgen)
     if wrk is None and not plan.quick and args.loadgen != "python":
         return 2
-    print(f"azure-gpt-api benchmark ({'quick' if plan.quick else 'full'} run, "
-          f"load from {'wrk' if wrk else 'the Python client'})", flush=True)
+    print(
+        f"azure-gpt-api benchmark ({'quick' if plan.quick else 'full'} run, "
+        f"load from {'wrk' if wrk else 'the Python client'})",
+        flush=True,
+    )
     results = run(plan, args)
     meta = results["meta"]
     print()
-    print(f"{meta['date']}  {meta['nproc']} CPUs ({meta['cpu_model']})  python {meta['python']}  "
-          f"load: {meta['load_generator']}{' ' + meta['wrk_version'] if meta['wrk_version'] else ''}  "
-          f"pinning: {meta['pinning']}  git {meta['git']}")
+    print(
+        f"{meta['date']}  {meta['nproc']} CPUs ({meta['cpu_model']})  python {meta['python']}  "
+        f"load: {meta['load_generator']}{' ' + meta['wrk_version'] if meta['wrk_version'] else ''}  "
+        f"pinning: {meta['pinning']}  git {meta['git']}"
+    )
     print(table(results))
     print_profile(results)
     met = [t for t in results["targets"] if t["met"] is True]
     missed = [t for t in results["targets"] if t["met"] is False]
-    print(f"\ntargets: {len(met)} met, {len(missed)} missed"
-          + (": " + ", ".join(f"{t['metric']} ({t['route']}: {fmt(t['value'], 3)})" for t in missed) if missed else ""))
+    print(
+        f"\ntargets: {len(met)} met, {len(missed)} missed"
+        + (
+            ": " + ", ".join(f"{t['metric']} ({t['route']}: {fmt(t['value'], 3)})" for t in missed)
+            if missed
+            else ""
+        )
+    )
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")

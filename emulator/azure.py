@@ -33,7 +33,7 @@ import socket
 import struct
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ from .errors import (
     deployment_not_found,
     model_not_found,
     resource_not_found,
+    token_refused,
 )
 from .faults import Fault
 from .responses import (
@@ -226,8 +227,10 @@ class ApiHandler(EmulatorHandler):
             )
         if not served:
             raise resource_not_found()
-        if not self.emulator.authorizes(self.request.headers, v1=self.v1):
-            raise ErrorAnswer(401, azure_error(401))
+        headers = self.request.headers
+        if not self.emulator.authorizes(headers, v1=self.v1):
+            bearer_expected = self.emulator.token_verifier is not None and "api-key" not in headers
+            raise ErrorAnswer(401, token_refused() if bearer_expected else azure_error(401))
 
     def use_deployment(self, deployment: str) -> str:
         self.record.deployment = deployment
@@ -275,14 +278,16 @@ class ApiHandler(EmulatorHandler):
             self.write_json(obj)
 
     async def stream(self, frames: list[bytes], fault: Fault) -> bool:
-        """Write and flush each event on its own, `chunk_gap` apart; abort after `reset_after`.
+        """Write and flush each event on its own, `chunk_gap` apart (and `first_gap` more
+        after the first); abort after `reset_after`.
 
         Return whether every event was sent.
         """
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         for sent, frame in enumerate(frames):
-            if sent and not await self.pause(fault.chunk_gap):
+            gap = fault.chunk_gap + (fault.first_gap if sent == 1 else 0.0)
+            if sent and not await self.pause(gap):
                 return False
             if sent == fault.reset_after:
                 self.abort()
@@ -593,8 +598,12 @@ class AzureEmulator:
         async_filter: bool = False,
         embedding_model: str = "text-embedding-3-small",
         embedding_dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS,
+        token_verifier: Callable[[str], bool] | None = None,
     ) -> None:
         self.key = key
+        self.token_verifier = (
+            token_verifier  # accepts Authorization: Bearer tokens it returns True for
+        )
         self.async_filter = async_filter
         self.deployments = frozenset(deployments)
         self.model = model
@@ -615,10 +624,17 @@ class AzureEmulator:
 
         The `api-key` header everywhere; on v1 paths also `Authorization: Bearer <key>`,
         which is what `OpenAI(base_url=".../openai/v1/", api_key=key)` sends (PROTOCOL-v1.md 2).
+        With a `token_verifier`, also `Authorization: Bearer <token>` with an Entra ID token
+        it accepts, on every path.
         """
         if headers.get("api-key") == self.key:
             return True
-        return v1 and headers.get("Authorization") == f"Bearer {self.key}"
+        scheme, _, credential = headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        if self.token_verifier is not None and self.token_verifier(credential.strip()):
+            return True
+        return v1 and credential == self.key
 
     def add_fault(self, fault: Fault) -> None:
         self._faults.extend([fault] * fault.times)

@@ -32,6 +32,12 @@ CONTENT_FILTERED = (
     "policy. Please modify your prompt and retry."
 )
 
+TOKEN_REFUSED = (
+    "Unauthorized. Access token is missing, invalid, audience is incorrect "
+    "(https://cognitiveservices.azure.com), or have expired."
+)
+PERMISSION_DENIED = "Principal does not have access to API/Operation."
+
 
 class ErrorAnswer(HTTPError):
     """An HTTP error answered with exactly this JSON body and these extra headers."""
@@ -64,6 +70,19 @@ def azure_error(status: int, *, seconds: int = DEFAULT_RETRY_AFTER) -> dict:
         "error": known.get(status)
         or {"code": str(status), "message": responses.get(status, "Error")}
     }
+
+
+def token_refused() -> dict:
+    """Return Azure's 401 for a bearer token it cannot accept: no `error` envelope.
+
+    PROTOCOL-v1.md section 2.1.
+    """
+    return {"statusCode": 401, "message": TOKEN_REFUSED}
+
+
+def permission_denied() -> dict:
+    """Return Azure's 401 for a valid token whose identity lacks the role (inject as a Fault)."""
+    return {"error": {"code": "PermissionDenied", "message": PERMISSION_DENIED}}
 
 
 def invalid_request(message: str, param: str | None, code: str | None = None) -> dict:

@@ -37,7 +37,8 @@ class Fault:
     `status` without a `body` gets Azure's body for it. `delay` comes before the
     answer (for a background response: how long its run takes), `hang` never
     answers (a background run never ends until cancelled), `chunk_gap` spaces
-    stream events and `reset_after` drops the connection after that many events
+    stream events, `first_gap` is a silence after a stream's first event only (a
+    reasoning model thinking once the stream started), and `reset_after` drops the connection after that many events
     (0 for a non-stream answer: before any byte).
     """
 
@@ -47,6 +48,7 @@ class Fault:
     kind: str | None = None
     delay: float = 0.0
     chunk_gap: float = 0.0
+    first_gap: float = 0.0
     reset_after: int | None = None
     hang: bool = False
     times: int = 1
@@ -57,9 +59,12 @@ class Fault:
                 f"unknown fault kind {self.kind!r}; known kinds: {', '.join(KIND_STATUS)}"
             )
         if not all(
-            isinstance(value, (int, float)) and value >= 0 for value in (self.delay, self.chunk_gap)
+            isinstance(value, (int, float)) and value >= 0
+            for value in (self.delay, self.chunk_gap, self.first_gap)
         ):
-            raise ValueError("fault delay and chunk_gap must be numbers of seconds, not negative")
+            raise ValueError(
+                "fault delay, chunk_gap and first_gap must be numbers of seconds, not negative"
+            )
         if self.reset_after is not None and not (
             isinstance(self.reset_after, int) and self.reset_after >= 0
         ):

@@ -1,4 +1,12 @@
-"""Settings: read once at start-up from the environment and a `.env` file.
+"""Settings: declared once, read once at start-up from the environment and a `.env` file.
+
+Each setting is declared once, as a field of `Settings` made by `setting()`:
+the variable's name, how its text is cast and checked, its default and what
+it means. The loader, its error messages (`NAME: rule`, the rule from the
+cast) and the README's configuration table (`readme_table()`, checked by a
+test) all come from that declaration. The few settings assembled from
+several variables (the deployments, the caller keys, the parameter
+defaults, the proxies) declare those variables the same way, next to the field.
 
 The variable names are the original Node service's, so an existing `.env`
 keeps working. The process environment wins over the file; an empty value
@@ -9,85 +17,32 @@ line each, naming the variable and the rule.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from dotenv import dotenv_values
 
-from .deployments import Deployment, load_deployments, read_yaml
-from .errors import ConfigError
-from .httpclient import parse_proxy_url
-from .keys import CallerKey, keys_from_api_keys, keys_from_yaml
-from .secret import Secret
+from gateway.errors import ConfigError
+from gateway.ops.tracing import TracingSettings, load_tracing_settings
+from gateway.policy.deployments import Deployment, load_deployments, read_yaml
+from gateway.policy.keys import CallerKey, keys_from_api_keys, keys_from_yaml
+from gateway.secret import Secret
+from gateway.upstream.auth import auth_from_settings
+from gateway.upstream.httpclient import parse_proxy_url
 
 DEFAULT_ENV_FILE = ".env"
-DEFAULT_HOST = "0.0.0.0"
-DEFAULT_HTTP_PORT = 80
-DEFAULT_HTTPS_PORT = 443
-DEFAULT_MAX_BODY_SIZE = 1024 * 1024
-DEFAULT_MAX_CLIENTS = 1000
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_FIRST_BYTE_TIMEOUT = 60.0
-DEFAULT_REQUEST_TIMEOUT = 600.0
-DEFAULT_STREAM_IDLE_TIMEOUT = 60.0
-DEFAULT_MAX_ATTEMPTS = 3
-DEFAULT_MAX_RETRY_WAIT = 10.0
-DEFAULT_DRAIN_TIMEOUT = 30.0
-DEFAULT_MAX_COOLDOWN = 60.0
-DEFAULT_BODY_TIMEOUT = 30.0
-DEFAULT_KEEP_ALIVE_TIMEOUT = 65.0
-DEFAULT_MAX_HEADER_SIZE = 64 * 1024
-DEFAULT_MAX_OTHER_BODY_SIZE = 4 * 1024
+# MAX_JSON_DEPTH's own bound: orjson's encoder stops at 254 levels (gateway/jsonbody.py).
 # Real chat bodies stay far below: the deepest request examples in Azure's
-# 2024-10-21 spec nest 6 levels, the deepest in OpenAI's (a tool's parameter
-# schema) 8. The limit on the limit is orjson's encoder's (gateway/jsonbody.py).
-DEFAULT_MAX_JSON_DEPTH = 64
+# 2024-10-21 spec nest 6 levels, the deepest in OpenAI's (a tool's parameter schema) 8.
 MAX_JSON_DEPTH_LIMIT = 254
-DEFAULT_CORS_ORIGINS = ("*",)
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the server needs, cast and checked."""
-
-    deployments: tuple[Deployment, ...]
-    host: str = DEFAULT_HOST
-    http_port: int = DEFAULT_HTTP_PORT
-    https_port: int = DEFAULT_HTTPS_PORT
-    enable_ssl: bool = False
-    ssl_cert: str | None = None
-    ssl_key: str | None = None
-    parameter_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE
-    max_other_body_size: int = DEFAULT_MAX_OTHER_BODY_SIZE
-    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
-    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
-    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
-    max_clients: int = DEFAULT_MAX_CLIENTS
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT
-    max_cooldown: float = DEFAULT_MAX_COOLDOWN
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
-    log_format: str = "json"
-    caller_keys: tuple[CallerKey, ...] = ()
-    redis_url: Secret | None = None
-    quota_on_redis_error: str = "open"
-    metrics_key: Secret | None = None
-    drain_grace: float = 0.0
-    # "http"/"https" -> proxy URL (it may hold a password), "no" -> NO_PROXY's list.
-    proxies: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _number(low: float, high: float) -> Callable[[str], float]:
@@ -190,66 +145,392 @@ def _redis_url(raw: str) -> Secret:
     return Secret(raw)
 
 
+def _routing(raw: str) -> str:
+    if raw not in ("weighted", "least-busy"):
+        raise ValueError("must be weighted or least-busy")
+    return raw
+
+
+def _existing_dir(raw: str) -> str:
+    if not os.path.isdir(raw):
+        raise ValueError(f"must name an existing directory ({raw} not found)")
+    return raw
+
+
+def _issuer(raw: str) -> str:
+    if not raw.startswith(("https://", "http://")):
+        raise ValueError("must be the issuer's URL (https://...), as its tokens' iss says")
+    return raw
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in raw.split(",") if origin.strip())
 
 
-# The chat parameters a `.env` may give defaults for, with the same ranges
-# the request schema enforces.
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, how its text is read, its default, its meaning."""
+
+    name: str
+    cast: Callable[[str], Any]
+    doc: str
+    default: Any = None  # the value when unset; None: no value
+    shown_default: str | None = None  # the README's words for a default that is not a literal
+
+    @property
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        if self.default is None:
+            return "—"
+        if isinstance(self.default, bool):
+            return f"`{str(self.default).lower()}`"
+        if isinstance(self.default, float) and self.default.is_integer():
+            return f"`{int(self.default)}`"
+        if isinstance(self.default, tuple):
+            return f"`{','.join(self.default)}`"
+        return f"`{self.default}`"
+
+
+_VARIABLES = "variables"
+_ASSEMBLED = "assembled"
+
+
+def setting(
+    name: str, cast: Callable[[str], Any], doc: str, default: Any = None, shown: str | None = None
+) -> Any:
+    """A `Settings` field read from the variable `name` (None when unset and no default)."""
+    variable = Variable(name, cast, doc, default, shown)
+    return field(default=default, metadata={_VARIABLES: (variable,)})
+
+
+def assembled(*variables: Variable, default: Any) -> Any:
+    """A `Settings` field the loader builds from several `variables` (see `load_settings`)."""
+    metadata = {_VARIABLES: variables, _ASSEMBLED: True}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _empty_mapping() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+_PARAMETERS_DOC = (
+    "defaults for requests that leave them out. `stop` is a string or a JSON array "
+    '(`stop=["\\n","END"]`); `top_p` is a float (the original parsed it as an integer)'
+)
+# The chat parameters a `.env` may give defaults for, with the ranges the request schema enforces.
+PARAMETER_VARIABLES = (
+    Variable("temperature", _number(0, 2), _PARAMETERS_DOC),
+    Variable("top_p", _number(0, 1), _PARAMETERS_DOC),
+    Variable("n", _integer(1, 128), _PARAMETERS_DOC),
+    Variable("stream", _boolean, _PARAMETERS_DOC),
+    Variable("stop", _stop, _PARAMETERS_DOC),
+    Variable("max_tokens", _integer(1), _PARAMETERS_DOC),
+    Variable("presence_penalty", _number(-2, 2), _PARAMETERS_DOC),
+    Variable("frequency_penalty", _number(-2, 2), _PARAMETERS_DOC),
+    Variable("user", str, _PARAMETERS_DOC),
+)
 PARAMETER_CASTS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
-    {
-        "temperature": _number(0, 2),
-        "top_p": _number(0, 1),
-        "n": _integer(1, 128),
-        "stream": _boolean,
-        "stop": _stop,
-        "max_tokens": _integer(1),
-        "presence_penalty": _number(-2, 2),
-        "frequency_penalty": _number(-2, 2),
-        "user": str,
-    }
+    {variable.name: variable.cast for variable in PARAMETER_VARIABLES}
+)
+# One deployment without a DEPLOYMENTS_FILE: (variable, Deployment field).
+SINGLE_DEPLOYMENT = (
+    (
+        Variable(
+            "ENDPOINT",
+            _endpoint,
+            "`https://<resource>.openai.azure.com/` (trailing slash optional; `http://` allowed)",
+        ),
+        "endpoint",
+    ),
+    (Variable("DEPLOYMENT_NAME", str, "Azure deployment"), "deployment"),
+    (
+        Variable(
+            "API_VERSION",
+            str,
+            "`v1` (Azure's v1 API: `/openai/v1/...`, the model named in the body), `preview`, "
+            "or a dated version such as `2024-10-21`",
+        ),
+        "api_version",
+    ),
+    (Variable("KEY", Secret, "Azure key, sent as `api-key`"), "key"),
+)
+AZURE_AUTH = Variable(
+    "AZURE_AUTH",
+    str,
+    "`key` sends `KEY`; `entra` (the default chain), `managed_identity`, `workload_identity` "
+    "or `azure_cli` sends an Entra ID token instead, and `KEY` stays empty (see Keyless with "
+    "Entra ID)",
+    shown_default="`key`",
+)
+DEPLOYMENTS_FILE = Variable(
+    "DEPLOYMENTS_FILE",
+    str,
+    "YAML file of several deployments (and caller keys); replaces the five above",
+)
+# Read by azure-identity itself; the single-deployment rule reads it too (a user-assigned identity).
+AZURE_CLIENT_ID = "AZURE_CLIENT_ID"
+API_KEYS = Variable(
+    "API_KEYS", str, "comma-separated caller keys (named `key1`, `key2`, ...); none = open server"
+)
+_PROXY_DOC = (
+    "reach Azure through an `http://[user:pass@]host:port` proxy (a `CONNECT` tunnel for "
+    "`https://` endpoints), as curl reads them (the lower-case name wins); `NO_PROXY` lists "
+    "hosts to reach directly"
+)
+PROXY_VARIABLES = tuple(
+    Variable(f"{scheme}_PROXY", str, _PROXY_DOC) for scheme in ("HTTPS", "HTTP", "NO")
+)
+# The standard OpenTelemetry variables most set; gateway/ops/tracing.py reads
+# these and the rest of them (README "Tracing").
+TRACING_VARIABLES = (
+    Variable(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        str,
+        "OTLP/HTTP collector for traces (`http://localhost:4318`); unset: tracing is off",
+    ),
+    Variable("OTEL_SERVICE_NAME", str, "the traces' `service.name`", "azure-gpt-api"),
+    Variable(
+        "OTEL_TRACES_SAMPLER",
+        str,
+        "which requests are traced (`OTEL_TRACES_SAMPLER_ARG` for the ratio ones)",
+        "parentbased_always_on",
+    ),
+    Variable(
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+        str,
+        "SENSITIVE: record prompts and answers in the traces",
+        False,
+    ),
 )
 
-_SERVER_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType(
-    {
-        "HOST": ("host", str),
-        "HTTP_PORT": ("http_port", _integer(0, 65535)),
-        "HTTPS_PORT": ("https_port", _integer(0, 65535)),
-        "ENABLE_SSL": ("enable_ssl", _boolean),
-        "SSL_CERT": ("ssl_cert", _existing_file),
-        "SSL_KEY": ("ssl_key", _existing_file),
-        "MAX_BODY_SIZE": ("max_body_size", _integer(1)),
-        "MAX_OTHER_BODY_SIZE": ("max_other_body_size", _integer(0)),
-        "MAX_JSON_DEPTH": ("max_json_depth", _integer(1, MAX_JSON_DEPTH_LIMIT)),
-        "MAX_HEADER_SIZE": ("max_header_size", _integer(1024)),
-        "BODY_TIMEOUT": ("body_timeout", _seconds),
-        "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _seconds),
-        "MAX_CLIENTS": ("max_clients", _integer(1)),
-        "CONNECT_TIMEOUT": ("connect_timeout", _seconds),
-        "FIRST_BYTE_TIMEOUT": ("first_byte_timeout", _seconds),
-        "REQUEST_TIMEOUT": ("request_timeout", _seconds),
-        "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _seconds),
-        "MAX_ATTEMPTS": ("max_attempts", _integer(1, 10)),
-        "MAX_RETRY_WAIT": ("max_retry_wait", _non_negative_seconds),
-        "MAX_COOLDOWN": ("max_cooldown", _seconds),
-        "DRAIN_TIMEOUT": ("drain_timeout", _seconds),
-        "CORS_ORIGINS": ("cors_origins", _origins),
-        "LOG_FORMAT": ("log_format", _log_format),
-        "REDIS_URL": ("redis_url", _redis_url),
-        "QUOTA_ON_REDIS_ERROR": ("quota_on_redis_error", _redis_error_mode),
-        "METRICS_KEY": ("metrics_key", Secret),
-        "DRAIN_GRACE": ("drain_grace", _non_negative_seconds),
-    }
-)
 
-_DEPLOYMENT_CASTS: Mapping[str, tuple[str, Callable[[str], Any]]] = MappingProxyType(
-    {
-        "ENDPOINT": ("endpoint", _endpoint),
-        "DEPLOYMENT_NAME": ("deployment", str),
-        "API_VERSION": ("api_version", str),
-        "KEY": ("key", Secret),
-    }
-)
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs, cast and checked. Field order is the README table's."""
+
+    host: str = setting("HOST", str, "bind address", "0.0.0.0")
+    http_port: int = setting(
+        "HTTP_PORT",
+        _integer(0, 65535),
+        "HTTP port (several processes may share it: `SO_REUSEPORT`)",
+        80,
+    )
+    enable_ssl: bool = setting("ENABLE_SSL", _boolean, "also serve HTTPS on `HTTPS_PORT`", False)
+    https_port: int = setting("HTTPS_PORT", _integer(0, 65535), "HTTPS port", 443)
+    ssl_cert: str | None = setting(
+        "SSL_CERT", _existing_file, "PEM files, required with `ENABLE_SSL=true`"
+    )
+    ssl_key: str | None = setting(
+        "SSL_KEY", _existing_file, "PEM files, required with `ENABLE_SSL=true`"
+    )
+    deployments: tuple[Deployment, ...] = assembled(
+        *(variable for variable, _ in SINGLE_DEPLOYMENT), AZURE_AUTH, DEPLOYMENTS_FILE, default=()
+    )
+    parameter_defaults: Mapping[str, Any] = assembled(*PARAMETER_VARIABLES, default=_empty_mapping)
+    caller_keys: tuple[CallerKey, ...] = assembled(API_KEYS, default=())
+    auth_oidc_issuer: str | None = setting(
+        "AUTH_OIDC_ISSUER",
+        _issuer,
+        "let callers send an OIDC bearer token (JWT) from this issuer instead of a key, e.g. "
+        "`https://login.microsoftonline.com/<tenant>/v2.0`; needs `AUTH_OIDC_AUDIENCE`",
+    )
+    auth_oidc_audience: str | None = setting(
+        "AUTH_OIDC_AUDIENCE", str, "the `aud` callers' tokens must carry, e.g. `api://<app id>`"
+    )
+    auth_oidc_default_key: str | None = setting(
+        "AUTH_OIDC_DEFAULT_KEY",
+        str,
+        "the `keys:` entry a valid token matching no entry's `oidc:` is served as; unset: 403",
+    )
+    redis_url: Secret | None = setting(
+        "REDIS_URL",
+        _redis_url,
+        "share quotas and usage across instances (`redis://host:6379/0`)",
+    )
+    quota_on_redis_error: str = setting(
+        "QUOTA_ON_REDIS_ERROR",
+        _redis_error_mode,
+        "`open` admits when Redis is down, `closed` answers 503",
+        "open",
+    )
+    response_affinity_ttl: float = setting(
+        "RESPONSE_AFFINITY_TTL",
+        _seconds,
+        "s, how long the deployment holding a stored response is remembered (in Redis with "
+        "`REDIS_URL`); Azure keeps responses 30 days",
+        30 * 24 * 3600.0,
+    )
+    default_completion_tokens: int = setting(
+        "DEFAULT_COMPLETION_TOKENS",
+        _integer(1),
+        "tokens admission charges for the answer of a request that sets no `max_tokens` / "
+        "`max_completion_tokens` / `max_output_tokens` (corrected to Azure's count afterwards)",
+        1024,
+    )
+    tiktoken_cache_dir: str | None = setting(
+        "TIKTOKEN_CACHE_DIR",
+        _existing_dir,
+        "directory of pre-seeded tiktoken encoding files, for exact prompt-token estimates "
+        "(none: a character estimate that errs high; see Token estimates)",
+    )
+    metrics_key: Secret | None = setting(
+        "METRICS_KEY", Secret, "require this key for `GET /metrics`"
+    )
+    max_body_size: int = setting(
+        "MAX_BODY_SIZE", _integer(1), "request body limit in bytes (413 beyond)", 1024 * 1024
+    )
+    max_other_body_size: int = setting(
+        "MAX_OTHER_BODY_SIZE",
+        _integer(0),
+        "body limit in bytes on routes that take no JSON body (`GET`s, unknown paths): refused "
+        "at once with a 413, without reading it, and the connection closed",
+        4 * 1024,
+    )
+    max_json_depth: int = setting(
+        "MAX_JSON_DEPTH",
+        _integer(1, MAX_JSON_DEPTH_LIMIT),
+        "deepest nesting of arrays and objects in a body (1 to 254; 400 beyond). The deepest "
+        "request examples in Azure's and OpenAI's specs nest 6 and 8 levels",
+        64,
+    )
+    max_header_size: int = setting(
+        "MAX_HEADER_SIZE",
+        _integer(1024),
+        "bytes of request line and headers (431 beyond, with a short body; past 4 × this the "
+        "connection is closed unanswered, as reading must stop somewhere)",
+        64 * 1024,
+    )
+    body_timeout: float = setting(
+        "BODY_TIMEOUT",
+        _seconds,
+        "s, from the end of a request's headers to the end of its body: a slow or missing body "
+        "gets a 408 and the connection is closed",
+        30.0,
+    )
+    keep_alive_timeout: float = setting(
+        "KEEP_ALIVE_TIMEOUT",
+        _seconds,
+        "s, an idle keep-alive connection stays open; also how long a request's headers may "
+        "take (then the connection is closed, as there is no request to answer)",
+        65.0,
+    )
+    max_clients: int = setting(
+        "MAX_CLIENTS",
+        _integer(1),
+        "concurrent upstream requests, so also open streams per process (more wait for a "
+        "slot; raise it for more: a slot costs nothing until used), and the most upstream "
+        "connections kept open; idle ones are reused, most recent first",
+        1000,
+    )
+    # "http"/"https" -> proxy URL (it may hold a password), "no" -> NO_PROXY's list.
+    proxies: Mapping[str, Secret] = assembled(*PROXY_VARIABLES, default=_empty_mapping)
+    connect_timeout: float = setting(
+        "CONNECT_TIMEOUT", _seconds, "s, to open a connection to Azure", 5.0
+    )
+    first_byte_timeout: float = setting(
+        "FIRST_BYTE_TIMEOUT",
+        _seconds,
+        "s, from sending a stream request to Azure's response headers",
+        60.0,
+    )
+    stream_idle_timeout: float = setting(
+        "STREAM_IDLE_TIMEOUT",
+        _seconds,
+        "s, between two events of a stream (no stream is cut for being long, nor for a "
+        "caller that reads slowly)",
+        60.0,
+    )
+    stream_keepalive: float = setting(
+        "STREAM_KEEPALIVE",
+        _non_negative_seconds,
+        "s of silence in a started stream after which the caller gets a `: keep-alive` SSE "
+        "comment (0 = never)",
+        15.0,
+    )
+    request_timeout: float = setting(
+        "REQUEST_TIMEOUT", _seconds, "s, a whole non-stream call", 600.0
+    )
+    max_attempts: int = setting("MAX_ATTEMPTS", _integer(1, 10), "upstream attempts per request", 3)
+    max_retry_wait: float = setting(
+        "MAX_RETRY_WAIT",
+        _non_negative_seconds,
+        "s, the longest wait for a cooling-down deployment",
+        10.0,
+    )
+    routing: str = setting(
+        "ROUTING",
+        _routing,
+        "within a priority group: `weighted` by `weight`, or `least-busy` (fewest requests in "
+        "flight)",
+        "weighted",
+    )
+    max_cooldown: float = setting(
+        "MAX_COOLDOWN",
+        _seconds,
+        "s, the longest a deployment rests after a failure, whatever Azure's `retry-after-ms` "
+        "says; also caps the `Retry-After` passed to callers",
+        60.0,
+    )
+    drain_timeout: float = setting(
+        "DRAIN_TIMEOUT",
+        _seconds,
+        "s, for in-flight requests to finish on SIGTERM/SIGINT",
+        30.0,
+    )
+    drain_grace: float = setting(
+        "DRAIN_GRACE",
+        _non_negative_seconds,
+        "s, `/readyz` answers 503 before the listener closes",
+        0.0,
+    )
+    cors_origins: tuple[str, ...] = setting(
+        "CORS_ORIGINS", _origins, "`*` or a comma-separated list of allowed origins", ("*",)
+    )
+    log_format: str = setting(
+        "LOG_FORMAT",
+        _log_format,
+        "access-log format",
+        "json",
+        shown="`json` if stdout is not a terminal, else `text`",
+    )
+    tracing: TracingSettings = assembled(*TRACING_VARIABLES, default=TracingSettings())
+
+
+def variables() -> list[Variable]:
+    """Every variable the settings are read from, in the README table's order."""
+    return [
+        variable
+        for settings_field in dataclasses.fields(Settings)
+        for variable in settings_field.metadata[_VARIABLES]
+    ]
+
+
+def _simple_fields() -> list[tuple[str, Variable]]:
+    """(attribute, variable) of every setting read from one variable."""
+    return [
+        (settings_field.name, settings_field.metadata[_VARIABLES][0])
+        for settings_field in dataclasses.fields(Settings)
+        if not settings_field.metadata.get(_ASSEMBLED)
+    ]
+
+
+def readme_table() -> str:
+    """The README's configuration table; variables that share a meaning share a row."""
+    rows: list[tuple[list[str], str, str]] = []
+    for variable in variables():
+        if rows and rows[-1][2] == variable.doc and rows[-1][1] == variable.default_text:
+            rows[-1][0].append(variable.name)
+        else:
+            rows.append(([variable.name], variable.default_text, variable.doc))
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    lines += [
+        f"| {', '.join(f'`{name}`' for name in names)} | {default} | {doc} |"
+        for names, default, doc in rows
+    ]
+    return "\n".join(lines)
 
 
 def read_sources(environ: Mapping[str, str]) -> dict[str, str]:
@@ -277,83 +558,127 @@ def load_settings(
     values = {**(defaults or {}), **read_sources(environ), **(overrides or {})}
     problems: list[str] = []
 
-    def cast_all(table: Mapping[str, tuple[str, Callable[[str], Any]]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for variable, (attribute, cast) in table.items():
-            if variable in values:
-                try:
-                    out[attribute] = cast(values[variable])
-                except ValueError as error:
-                    problems.append(f"{variable}: {error}")
-        return out
+    def cast(variable: Variable, into: dict[str, Any], attribute: str) -> None:
+        if variable.name in values:
+            try:
+                into[attribute] = variable.cast(values[variable.name])
+            except ValueError as error:
+                problems.append(f"{variable.name}: {error}")
 
-    server = cast_all(_SERVER_CASTS)
+    simple: dict[str, Any] = {}
+    for attribute, variable in _simple_fields():
+        cast(variable, simple, attribute)
+
     deployments: tuple[Deployment, ...] = ()
     caller_keys: list[CallerKey] = []
-    if "API_KEYS" in values:
-        caller_keys += keys_from_api_keys(values["API_KEYS"])
-    if "DEPLOYMENTS_FILE" in values:
+    if API_KEYS.name in values:
+        caller_keys += keys_from_api_keys(values[API_KEYS.name])
+    if DEPLOYMENTS_FILE.name in values:
         try:
-            document = read_yaml(values["DEPLOYMENTS_FILE"])
+            document = read_yaml(values[DEPLOYMENTS_FILE.name])
             deployments = load_deployments(document, values)
             if isinstance(document, dict) and document.get("keys"):
                 caller_keys += keys_from_yaml(document["keys"], values)
         except ConfigError as error:
             problems.extend(error.problems)
     else:
-        single = cast_all(_DEPLOYMENT_CASTS)
-        missing = [variable for variable in _DEPLOYMENT_CASTS if variable not in values]
-        problems.extend(
-            f"{variable}: is required (or set DEPLOYMENTS_FILE)" for variable in missing
-        )
-        if not missing and len(single) == len(_DEPLOYMENT_CASTS):
-            deployments = (
-                Deployment(name=single["deployment"], models=(single["deployment"],), **single),
+        single: dict[str, Any] = {}
+        for variable, attribute in SINGLE_DEPLOYMENT:
+            if variable.name in values:
+                cast(variable, single, attribute)
+            elif attribute != "key":
+                problems.append(f"{variable.name}: is required (or set {DEPLOYMENTS_FILE.name})")
+        try:
+            entra = auth_from_settings(
+                values.get(AZURE_AUTH.name, ""), single.get("key"), values.get(AZURE_CLIENT_ID, "")
             )
+        except ConfigError as error:
+            problems.extend(error.problems)
+        else:
+            if len(single.keys() - {"key"}) == len(SINGLE_DEPLOYMENT) - 1:
+                single.setdefault("key", None)
+                deployments = (
+                    Deployment(
+                        name=single["deployment"],
+                        models=(single["deployment"],),
+                        entra=entra,
+                        **single,
+                    ),
+                )
 
-    defaults: dict[str, Any] = {}
-    for name, cast in PARAMETER_CASTS.items():
-        if name in values:
-            try:
-                defaults[name] = cast(values[name])
-            except ValueError as error:
-                problems.append(f"{name}: {error}")
+    parameters: dict[str, Any] = {}
+    for variable in PARAMETER_VARIABLES:
+        cast(variable, parameters, variable.name)
 
-    if server.get("enable_ssl"):
-        for variable in ("SSL_CERT", "SSL_KEY"):
-            if variable not in values:
-                problems.append(f"{variable}: is required when ENABLE_SSL is true")
+    if simple.get("enable_ssl"):
+        for name in ("SSL_CERT", "SSL_KEY"):
+            if name not in values:
+                problems.append(f"{name}: is required when ENABLE_SSL is true")
 
     proxies = read_proxies(values, problems)
+    tracing = TracingSettings()
+    try:
+        tracing = load_tracing_settings(values)
+    except ConfigError as error:
+        problems.extend(error.problems)
 
     names = [key.name for key in caller_keys]
     problems.extend(
         f"API_KEYS/DEPLOYMENTS_FILE keys: the name {name!r} is used twice"
         for name in sorted({n for n in names if names.count(n) > 1})
     )
-    if len({key.key for key in caller_keys}) < len(caller_keys):
+    keyed = [key.key for key in caller_keys if key.key is not None]
+    if len(set(keyed)) < len(keyed):
         problems.append("API_KEYS/DEPLOYMENTS_FILE keys: the same key is given twice")
+    problems.extend(oidc_problems(simple, caller_keys))
     if problems:
         raise ConfigError(problems)
     return Settings(
         deployments=deployments,
         caller_keys=tuple(caller_keys),
-        parameter_defaults=MappingProxyType(defaults),
+        parameter_defaults=MappingProxyType(parameters),
         proxies=MappingProxyType(proxies),
-        **server,
+        tracing=tracing,
+        **simple,
     )
+
+
+def oidc_problems(simple: Mapping[str, Any], caller_keys: list[CallerKey]) -> list[str]:
+    """What makes the AUTH_OIDC_* settings unusable together, and with the keys."""
+    issuer, audience = simple.get("auth_oidc_issuer"), simple.get("auth_oidc_audience")
+    default = simple.get("auth_oidc_default_key")
+    problems = []
+    if issuer and not audience:
+        problems.append("AUTH_OIDC_AUDIENCE: is required when AUTH_OIDC_ISSUER is set")
+    if audience and not issuer:
+        problems.append("AUTH_OIDC_ISSUER: is required when AUTH_OIDC_AUDIENCE is set")
+    if default and not issuer:
+        problems.append("AUTH_OIDC_DEFAULT_KEY: needs AUTH_OIDC_ISSUER")
+    names = [key.name for key in caller_keys]
+    if default and default not in names:
+        problems.append(
+            f"AUTH_OIDC_DEFAULT_KEY: must name an entry of keys: in DEPLOYMENTS_FILE "
+            f"({default!r} is not one)"
+        )
+    if issuer and not default and not any(key.oidc for key in caller_keys):
+        problems.append(
+            "AUTH_OIDC_ISSUER: no keys: entry has oidc: and AUTH_OIDC_DEFAULT_KEY is unset, "
+            "so no token could be served"
+        )
+    return problems
 
 
 def read_proxies(values: Mapping[str, str], problems: list[str]) -> dict[str, Secret]:
     """HTTP_PROXY, HTTPS_PROXY and NO_PROXY as curl reads them (the lower-case name wins)."""
     proxies: dict[str, Secret] = {}
-    for scheme in ("http", "https", "no"):
-        for variable in (f"{scheme.upper()}_PROXY", f"{scheme}_proxy"):
-            if values.get(variable):
-                proxies[scheme] = Secret(values[variable])
+    for variable in PROXY_VARIABLES:
+        scheme = variable.name.split("_")[0].lower()
+        for name in (variable.name, variable.name.lower()):
+            if values.get(name):
+                proxies[scheme] = Secret(values[name])
                 if scheme != "no":
                     try:
-                        parse_proxy_url(values[variable], variable)
+                        parse_proxy_url(values[name], name)
                     except ValueError as error:
                         problems.append(str(error))
     return proxies

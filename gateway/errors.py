@@ -1,8 +1,13 @@
-"""Failures the gateway expects, and the one table that maps upstream ones.
+"""Failures the gateway expects, and the one place that maps upstream ones.
 
-Handlers raise `GatewayError`; `render_envelope` (the original API's
+Everything raises `GatewayError`; `render_envelope` (the original API's
 `{"success": 0, ...}` shape) and `render_openai_error` (OpenAI's and Azure's
-`{"error": {...}}` shape) turn it into a body in exactly one place each.
+`{"error": {...}}` shape) turn it into a body; an API face (gateway/faces.py)
+says which of the two its callers get.
+
+`map_upstream_status` (a non-200 answer), `map_transport_error` (no answer)
+and `stream_failure` (a stream that timed out or broke) are the whole table
+of what Azure's failures become.
 
 Upstream answers keep their meaning: a 400 (content filter included) stays a
 400 with Azure's error object, a 429 stays a 429 with a Retry-After the caller
@@ -14,10 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from .httpclient import HTTPTransportError
-
+from gateway.upstream.httpclient import HTTPTransportError
 
 # Upstream statuses that another attempt (another deployment, or later) may fix.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -49,6 +54,7 @@ class GatewayError(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
         upstream_headers: Mapping[str, str] | None = None,
+        summary: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -66,6 +72,8 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         # Azure's response headers, for the request-id headers the caller gets.
         self.upstream_headers = upstream_headers
+        # The envelope's top-level `message`, where it must differ from the error's own.
+        self.summary = summary if summary is not None else message
 
     def error_object(self) -> dict[str, Any]:
         """The `error` member: Azure's own object when the failure is Azure's, else ours."""
@@ -94,7 +102,7 @@ def _default_type(status: int) -> str:
 
 def render_envelope(error: GatewayError) -> dict[str, Any]:
     """The original API's error body."""
-    return {"success": 0, "message": error.message, "error": error.error_object()}
+    return {"success": 0, "message": error.summary, "error": error.error_object()}
 
 
 def render_openai_error(error: GatewayError) -> dict[str, Any]:
@@ -124,10 +132,14 @@ def retry_after_delay(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-def retry_after_seconds(headers: Mapping[str, str], max_cooldown: float) -> int | None:
-    """The same wait in whole seconds (rounded up, at most `max_cooldown`) for a Retry-After."""
-    delay = retry_after_delay(headers)
-    return None if delay is None else max(1, math.ceil(min(delay, max_cooldown)))
+def retry_after_headers(delay: float | None) -> dict[str, str] | None:
+    """Both headers clients read on a 429: `retry-after-ms` and `Retry-After` (whole seconds)."""
+    if delay is None:
+        return None
+    return {
+        "Retry-After": str(max(1, math.ceil(delay))),
+        "retry-after-ms": str(round(delay * 1000)),
+    }
 
 
 def _parse_error_object(body: bytes) -> dict[str, Any] | None:
@@ -151,12 +163,13 @@ def map_upstream_status(
     upstream = _parse_error_object(body)
     upstream_message = str((upstream or {}).get("message") or "").strip()
     if status == 429:
-        wait = retry_after_seconds(headers, max_cooldown)
+        delay = retry_after_delay(headers)
+        wait = None if delay is None else min(delay, max_cooldown)
         return GatewayError(
             429,
             str((upstream or {}).get("code") or "rate_limited"),
             upstream_message or "Azure OpenAI rate limit reached; retry later.",
-            headers={"Retry-After": str(wait)} if wait is not None else None,
+            headers=retry_after_headers(wait),
             upstream_error=upstream,
             upstream_status=status,
             upstream_headers=headers,
@@ -204,6 +217,19 @@ def map_upstream_status(
     )
 
 
+def entra_refused(credential: str, refused: GatewayError) -> GatewayError:
+    """Azure refused a fresh Entra ID token too: the identity's access, not the token's age."""
+    return GatewayError(
+        502,
+        "upstream_configuration",
+        f"Azure OpenAI answered 401 to a new Entra ID token ({credential}): grant that identity "
+        "the role Cognitive Services OpenAI User on the resource. This is not a problem with "
+        "your request.",
+        upstream_status=refused.upstream_status,
+        upstream_headers=refused.upstream_headers,
+    )
+
+
 def map_transport_error(error: HTTPTransportError) -> GatewayError:
     """Turn a failure to talk to Azure at all (refused, reset, timed out) into 502/504."""
     if error.kind == HTTPTransportError.TIMEOUT:
@@ -218,4 +244,58 @@ def map_transport_error(error: HTTPTransportError) -> GatewayError:
         "upstream_unreachable",
         f"Could not reach Azure OpenAI ({error.message}).",
         retryable=True,
+    )
+
+
+def invalid_success_body(headers: Mapping[str, str]) -> GatewayError:
+    """Azure said 200 but sent something that is not a JSON object."""
+    return GatewayError(
+        502,
+        "upstream_invalid_response",
+        "Azure OpenAI answered 200 with a body that is not a JSON object.",
+        upstream_status=200,
+        upstream_headers=headers,
+    )
+
+
+def stream_failure(
+    reason: str,
+    *,
+    started: bool,
+    first_byte_timeout: float,
+    idle_timeout: float,
+    transport_error: HTTPTransportError | None = None,
+) -> GatewayError:
+    """What a stream that did not end with [DONE] becomes.
+
+    `reason`: "first_byte_timeout", "idle", "cut" (the connection failed:
+    `transport_error`) or "unfinished" (Azure closed it before [DONE]).
+    `started`: events already reached the caller, so the error can only be
+    the stream's last event, and no other deployment may be tried.
+    """
+    if reason == "first_byte_timeout":
+        return GatewayError(
+            504,
+            "upstream_timeout",
+            f"Azure OpenAI sent no response headers within {first_byte_timeout:g} s.",
+            retryable=True,
+        )
+    if reason == "idle":
+        return GatewayError(
+            504,
+            "stream_idle_timeout",
+            f"Azure OpenAI sent nothing for {idle_timeout:g} s; the stream was closed.",
+        )
+    if reason == "cut" and transport_error is not None:
+        if not started:
+            return map_transport_error(transport_error)
+        return GatewayError(
+            502,
+            "stream_interrupted",
+            f"The stream from Azure OpenAI was cut ({transport_error.message}).",
+        )
+    return GatewayError(
+        502,
+        "stream_interrupted",
+        "Azure OpenAI ended the stream before its final [DONE] event.",
     )

@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import GatewayError
+from gateway.encoding import compact_json
+from gateway.errors import GatewayError
 
 _BOM = b"\xef\xbb\xbf"
 _MAX_SHOWN_KEY = 60
@@ -58,7 +59,7 @@ class ParsedBody(NamedTuple):
 
 def encode_body(document: Any) -> bytes:
     """`document` as compact JSON, for a body the gateway builds or changes."""
-    return orjson.dumps(document)
+    return compact_json(document)
 
 
 def parse_body(raw: bytes, *, max_depth: int) -> ParsedBody:
@@ -69,7 +70,7 @@ def parse_body(raw: bytes, *, max_depth: int) -> ParsedBody:
         raise _refusal(raw, error, max_depth) from None
     if raw.count(b"{") + raw.count(b"[") > max_depth and _depth(document) > max_depth:
         raise _too_deep(max_depth)
-    encoded = orjson.dumps(document)
+    encoded = compact_json(document)
     if _key_ends(raw) != _keys_in(encoded):
         _find_repeated_key(raw)
     return ParsedBody(document, encoded)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import fastjsonschema
 import orjson
@@ -32,7 +33,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 
-from .errors import GatewayError
+from gateway.errors import GatewayError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 _MAX_SHOWN_VALUE = 60
@@ -90,7 +91,7 @@ def discriminated_union(node: dict[str, Any]) -> tuple[str, dict[Any, dict[str, 
         properties = condition.get("properties", {})
         if set(condition) != {"properties", "required"} or len(properties) != 1:
             return None
-        (key, rule), = properties.items()
+        ((key, rule),) = properties.items()
         if condition["required"] != [key] or set(rule) != {"const"}:
             return None
         keys.add(key)
@@ -106,7 +107,9 @@ def _fast_check(schema: dict[str, Any]) -> Callable[[Any], Any]:
             return [const_as_enum(item) for item in node]
         if isinstance(node, dict):
             return {
-                "enum" if key == "const" else key: [value] if key == "const" else const_as_enum(value)
+                "enum" if key == "const" else key: [value]
+                if key == "const"
+                else const_as_enum(value)
                 for key, value in node.items()
             }
         return node
@@ -297,8 +300,8 @@ def describe(error: ValidationError) -> tuple[str, str, str]:
                 f"is missing the required field {missing[0]!r}",
             )
     if rule in ("anyOf", "oneOf") and _alternatives_are_required(limit):
-        names = [sub["required"][0] for sub in limit]
-        return path, "required", f"needs one of the fields {', '.join(map(repr, names))}"
+        alternatives = [sub["required"][0] for sub in limit]
+        return path, "required", f"needs one of the fields {', '.join(map(repr, alternatives))}"
     if rule == "oneOf" and _matches_several(error):
         shown = _shown(error.instance)
         return path, rule, f"matches more than one of the allowed forms (got {shown})"

@@ -1,4 +1,4 @@
-"""What every route shares: security headers, CORS, request limits, JSON bodies and the error shape.
+"""What every route shares: security headers, CORS, request limits, the body and error answers.
 
 Every handler reads its own body (`stream_request_body`), so the limits are
 applied as soon as the headers are in, with an answer in the route's error
@@ -11,16 +11,19 @@ of the request may still be on its way.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from tornado.httputil import HTTPServerRequest, responses
 from tornado.ioloop import IOLoop
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from gateway.accesslog import timestamp
-from gateway.context import GatewayContext
-from gateway.errors import GatewayError, render_envelope
-from gateway.jsonbody import ParsedBody, parse_body
+from gateway.encoding import compact_json
+from gateway.errors import GatewayError
+from gateway.faces import GPT_CHAT, Face
+from gateway.ops.accesslog import timestamp
+from gateway.pipeline import Pipeline
+
+from .listeners import request_start_time, set_constant_headers, when_body_received
 
 # What the original's helmet() set that still means something for a JSON API.
 SECURITY_HEADERS = {
@@ -35,29 +38,44 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
 }
 HSTS = "max-age=15552000; includeSubDomains"
-# Every response's constant headers, in the order they are sent. Written
-# straight into the response's HTTPHeaders: set_header's per-value check is
-# for values that come from outside, these are fixed here.
+# Every response's constant headers, in the order they are sent.
 DEFAULT_HEADERS = tuple(SECURITY_HEADERS.items())
 DEFAULT_HEADERS_HTTPS = (*DEFAULT_HEADERS, ("Strict-Transport-Security", HSTS))
 CORS_METHODS = "GET,HEAD,PUT,PATCH,POST,DELETE"
 
 
+def access_record(handler: RequestHandler, route: str) -> dict[str, Any]:
+    """What the access log line says about any request."""
+    return {
+        "time": timestamp(request_start_time(handler.request)),
+        "request_id": None,
+        "method": handler.request.method,
+        "route": route,
+        "path": handler.request.path,
+        "status": handler.get_status(),
+        "duration_ms": round(handler.request.request_time() * 1000, 2),
+    }
+
+
 @stream_request_body
 class BaseHandler(RequestHandler):
-    """Headers, request limits and the error body of the original `{"success": ...}` family."""
+    """Headers, request limits, and error answers in the shape of the handler's face.
+
+    `write_error` is the one place an error response is written; the body
+    comes from the face (the original API's `{"success": 0, ...}` unless the
+    route belongs to another family).
+    """
 
     # The route's name in the access log and metrics.
     route = "other"
+    face: Face = GPT_CHAT
     _body_timer: object | None = None
 
     def prepare(self) -> None:
-        settings = self.context.settings
+        settings = self.pipeline.settings
         self._received = 0
         self._body_timer = IOLoop.current().call_later(settings.body_timeout, self._body_timed_out)
-        # Tornado 6.6.1 resolves this private future once the whole body is in
-        # (RequestHandler._execute awaits it); it is the only signal of that.
-        self.request._body_future.add_done_callback(lambda _: self._disarm_body_timer())
+        when_body_received(self.request, self._disarm_body_timer)
         size = header_block_size(self.request)
         if size > settings.max_header_size:
             raise closing_error(
@@ -72,14 +90,14 @@ class BaseHandler(RequestHandler):
 
     def body_limit(self) -> int:
         """The largest body this route accepts; none of its own, so a small one."""
-        return self.context.settings.max_other_body_size
+        return self.pipeline.settings.max_other_body_size
 
     def _refuse_body(self, size: int) -> None:
         """Answer a declared body over the limit at once, before any of it is read."""
         # Tornado discards what arrives until it closes the connection, once the
         # answer is written; its own limit is raised to the declared length, as
         # past that it would write a bare 400 after our answer.
-        self.request.connection.set_max_body_size(max(size, self.body_limit()))
+        self.request.connection.set_max_body_size(max(size, self.body_limit()))  # type: ignore[union-attr]
         raise self._body_too_large()
 
     def _body_too_large(self) -> GatewayError:
@@ -106,7 +124,7 @@ class BaseHandler(RequestHandler):
                     408,
                     "body_timeout",
                     "The request body did not arrive within "
-                    f"{self.context.settings.body_timeout:g} s.",
+                    f"{self.pipeline.settings.body_timeout:g} s.",
                 )
             )
 
@@ -123,25 +141,23 @@ class BaseHandler(RequestHandler):
         super().on_connection_close()  # ends the wait for a body that will not come
 
     @property
-    def context(self) -> GatewayContext:
+    def pipeline(self) -> Pipeline:
         # From the application, not initialize(): set_default_headers needs it
         # and Tornado calls that before initialize().
-        return self.application.settings["context"]
+        return self.application.settings["pipeline"]
 
     def set_default_headers(self) -> None:
         # Tornado's clear() calls this for every response, and again when
         # send_error starts an error response over, so errors carry them too.
         self.clear_header("Server")
-        headers = self._headers
         https = self.request.protocol == "https"
-        for name, value in DEFAULT_HEADERS_HTTPS if https else DEFAULT_HEADERS:
-            headers[name] = value
+        set_constant_headers(self, DEFAULT_HEADERS_HTTPS if https else DEFAULT_HEADERS)
         self._set_cors_headers()
 
     def _set_cors_headers(self) -> None:
-        origins = self.context.settings.cors_origins
+        origins = self.pipeline.settings.cors_origins
         if "*" in origins:
-            self._headers["Access-Control-Allow-Origin"] = "*"
+            set_constant_headers(self, (("Access-Control-Allow-Origin", "*"),))
             return
         origin = self.request.headers.get("Origin")
         if origin in origins:
@@ -160,7 +176,7 @@ class BaseHandler(RequestHandler):
 
     def write_json(self, payload: Any) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps(payload, separators=(",", ":")))
+        self.finish(compact_json(payload))
 
     def gateway_error(self, exc_info: Any) -> GatewayError:
         """The GatewayError behind a failure, whatever raised it."""
@@ -174,31 +190,29 @@ class BaseHandler(RequestHandler):
                 f"Method {self.request.method} is not allowed on {self.request.path}.",
             )
         if isinstance(error, HTTPError) and error.status_code < 500:
-            return GatewayError(error.status_code, "bad_request", error.log_message or self._reason)
+            return GatewayError(
+                error.status_code,
+                "bad_request",
+                error.log_message
+                or error.reason
+                or responses.get(error.status_code, "Bad Request"),
+            )
         return GatewayError(500, "internal_error", "The gateway failed unexpectedly.")
 
-    def render_error(self, error: GatewayError) -> dict[str, Any]:
-        return render_envelope(error)
+    def answer_headers(self) -> dict[str, str]:
+        """Headers an error answer keeps from the request's life so far (none here)."""
+        return {}
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """The one place an error response body is shaped."""
         error = self.gateway_error(kwargs.get("exc_info"))
         self.set_status(error.status)
-        for name, value in error.headers.items():
+        for name, value in (*self.answer_headers().items(), *error.headers.items()):
             self.set_header(name, value)
-        self.write_json(self.render_error(error))
+        self.write_json(self.face.render_error(error))
 
     def access_record(self) -> dict[str, Any]:
         """What the access log line says about this request."""
-        return {
-            "time": timestamp(self.request._start_time),
-            "request_id": self._headers.get("x-request-id"),
-            "method": self.request.method,
-            "route": self.route,
-            "path": self.request.path,
-            "status": self.get_status(),
-            "duration_ms": round(self.request.request_time() * 1000, 2),
-        }
+        return access_record(self, self.route)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Expected failures are the caller's or Azure's, not a bug: no traceback.
@@ -208,18 +222,25 @@ class BaseHandler(RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    """Every path no route claims (after its body, so the connection stays usable)."""
+    """Every path no route claims (after its body, so the connection stays usable):
+    the original's answer, naming what was asked for."""
 
     route = "not_found"
 
     def get(self, *_args: str) -> None:
-        raise GatewayError(404, "not_found", "API Not found.")
+        raise GatewayError(
+            404,
+            "not_found",
+            f"No route for {self.request.method} {self.request.path}",
+            summary="API Not found.",
+        )
 
     head = post = put = patch = delete = get
 
 
-class JsonBodyHandler(BaseHandler):
-    """Reads a JSON body itself, so an oversized one gets a 413 answer, not a dropped connection.
+class BodyReadingHandler(BaseHandler):
+    """Keeps the body (up to MAX_BODY_SIZE), so an oversized one gets a 413 answer,
+    not a dropped connection; the pipeline reads it (gateway/jsonbody.py).
 
     An oversized body is still read to its end (and dropped): answering
     before that would make Tornado close a socket with unread data, which
@@ -231,45 +252,25 @@ class JsonBodyHandler(BaseHandler):
         super().prepare()
 
     def body_limit(self) -> int:
-        return self.context.settings.max_body_size
+        return self.pipeline.settings.max_body_size
 
     def _refuse_body(self, size: int) -> None:
         """Read an oversized body to its end all the same (see the class docstring)."""
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
-        if self._received <= self.context.settings.max_body_size:
+        if self._received <= self.pipeline.settings.max_body_size:
             self._chunks.append(chunk)
         else:
             self._chunks.clear()
 
-    def json_body(self) -> ParsedBody:
-        """The body, a JSON object, or a 4xx naming what is wrong with it (gateway/jsonbody.py)."""
-        settings = self.context.settings
-        if self._received > settings.max_body_size:
-            raise GatewayError(
-                413,
-                "body_too_large",
-                f"The request body exceeds the limit of {settings.max_body_size} bytes.",
-            )
-        content_type = self.request.headers.get("Content-Type", "application/json")
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise GatewayError(
-                415,
-                "unsupported_media_type",
-                f"Content-Type {media_type or '(empty)'} is not supported; "
-                "send the body as application/json.",
-            )
-        body = parse_body(b"".join(self._chunks), max_depth=settings.max_json_depth)
-        if not isinstance(body.document, dict):
-            raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
-        return body
+    def body(self) -> bytes:
+        return self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
 
 
-def header_block_size(request: Any) -> int:
+def header_block_size(request: HTTPServerRequest) -> int:
     """About the size of the request line and header block as sent, re-counted from the parse."""
-    size = len(request.method) + len(request.uri) + len(request.version) + 4
+    size = len(request.method or "") + len(request.uri or "") + len(request.version) + 4
     for name, value in request.headers.get_all():
         size += len(name) + len(value) + 4
     return size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 
 from gateway.errors import GatewayError
-from gateway.keys import presented_key
+from gateway.policy.keys import presented_key
 
 from .base import BaseHandler
 
@@ -21,14 +21,19 @@ class HealthHandler(BaseHandler):
 
 class ReadyHandler(BaseHandler):
     """GET /readyz: configuration loaded and not draining; 503 once shutdown has begun,
-    so a load balancer stops sending before the listener closes."""
+    so a load balancer stops sending before the listener closes, and 503 while an Entra
+    deployment has no token yet or the OIDC issuer's keys are unread."""
 
     route = "readyz"
 
     def get(self) -> None:
-        if self.context.in_flight.draining:
+        waiting_for = self.pipeline.waiting_for()
+        if self.pipeline.in_flight.draining:
             self.set_status(503)
             self.write_json({"status": "draining"})
+        elif waiting_for:
+            self.set_status(503)
+            self.write_json({"status": "starting", "waiting_for": waiting_for})
         else:
             self.write_json({"status": "ready"})
 
@@ -39,7 +44,7 @@ class MetricsHandler(BaseHandler):
     route = "metrics"
 
     def get(self) -> None:
-        required = self.context.settings.metrics_key
+        required = self.pipeline.settings.metrics_key
         if required is not None:
             presented = presented_key(self.request.headers) or ""
             if not hmac.compare_digest(presented.encode(), required.reveal().encode()):
@@ -49,7 +54,7 @@ class MetricsHandler(BaseHandler):
                     "The metrics need METRICS_KEY in the api-key header or as a Bearer token.",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        body, content_type = self.context.metrics.render()
+        body, content_type = self.pipeline.metrics.render()
         self.set_header("Content-Type", content_type)
         self.finish(body)
 
@@ -63,9 +68,9 @@ class UsageHandler(BaseHandler):
     route = "usage"
 
     async def get(self) -> None:
-        caller = self.context.keyring.authenticate(self.request.headers)
+        caller = await self.pipeline.callers.authenticate(self.request.headers)
         if caller is not None and not caller.admin:
             raise GatewayError(
                 403, "admin_required", f"The key {caller.name!r} is not an admin key."
             )
-        self.write_json(await self.context.quota.usage_report())
+        self.write_json(await self.pipeline.quota.usage_report())

@@ -291,7 +291,7 @@ class Deriver:
                     "if": {"properties": {key: {"const": value}}, "required": [key]},
                     "then": self.convert(member),
                 }
-                for value, member in zip(values, members)
+                for value, member in zip(values, members, strict=True)
             ],
         }
 

@@ -11,16 +11,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from gateway.config import Settings, load_settings
 from emulator import AzureEmulator
-from server import GatewayServer, make_app
+from gateway.config import Settings, load_settings
+from handlers.app import make_app
+from handlers.listeners import GatewayServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_KEY = "emulator-secret-key-3f9a7c"
@@ -107,9 +109,10 @@ def start_gateway(io_loop: Any, emulator: AzureEmulator, settings_for: Callable[
     started: list[GatewayServer] = []
     client = AsyncHTTPClient(force_instance=True)
 
-    def start(**env: str) -> RunningGateway:
+    def start(clock: Callable[[], float] | None = None, **env: str) -> RunningGateway:
         settings = settings_for(**env)
-        server = GatewayServer(make_app(settings), settings)
+        app = make_app(settings) if clock is None else make_app(settings, clock=clock)
+        server = GatewayServer(app, settings)
         server.start()
         started.append(server)
         return RunningGateway(server, emulator, client)
@@ -229,8 +232,11 @@ class ServerProcess:
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.proc = subprocess.Popen(
-            [PYTHON, "server.py", *args], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [PYTHON, "server.py", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         self.output = ""
         self._seen = 0

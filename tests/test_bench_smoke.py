@@ -38,14 +38,24 @@ def test_quick_benchmark_runs_without_errors_and_reports_every_figure(tmp_path):
     reference = results["reference"]
     for run in ("nonstream_c50", "stream_c50", "stream_spaced_c50", "nonstream_c1", "stream_c1"):
         assert reference[run]["requests"] > 0, ("reference", run)
-        assert not any(reference[run]["errors"].values()), ("reference", run, reference[run]["errors"])
+        assert not any(reference[run]["errors"].values()), (
+            "reference",
+            run,
+            reference[run]["errors"],
+        )
     for run in ("nonstream_c50", "stream_c50", "stream_spaced_c50"):
         assert reference[run]["server_cpu_ms_per_request"] > 0, ("reference", run)
     assert reference["nonstream_added_p50_ms"] is not None
 
     assert set(results["routes"]) == {"gpt_chat", "openai"}
     for name, route in results["routes"].items():
-        for run in ("nonstream_c50", "stream_c50", "stream_spaced_c50", "nonstream_c1", "stream_c1"):
+        for run in (
+            "nonstream_c50",
+            "stream_c50",
+            "stream_spaced_c50",
+            "nonstream_c1",
+            "stream_c1",
+        ):
             assert route[run]["requests"] > 0, (name, run)
             assert not any(route[run]["errors"].values()), (name, run, route[run]["errors"])
             assert route[run]["server_cpu_ms_per_request"] > 0, (name, run)
@@ -62,8 +72,19 @@ def test_quick_benchmark_runs_without_errors_and_reports_every_figure(tmp_path):
         assert held["rss_mb"] > 0
 
     metrics = {target["metric"] for target in results["targets"]}
-    assert {"cpu_ms_per_nonstream_request", "cpu_ms_per_stream", "added_p50_ms_1_connection",
-            "nonstream_rps_1_process", "first_event_ms_max", "upstream_connections_per_10k_sequential",
-            "cpu_ms_per_nonstream_request_vs_reference", "cpu_ms_per_stream_vs_reference",
-            "cpu_ms_per_stream_spaced_events_vs_reference"} <= metrics
-    assert "targets:" in completed.stdout and "Metric" in completed.stdout and "reference" in completed.stdout
+    assert {
+        "cpu_ms_per_nonstream_request",
+        "cpu_ms_per_stream",
+        "added_p50_ms_1_connection",
+        "nonstream_rps_1_process",
+        "first_event_ms_max",
+        "upstream_connections_per_10k_sequential",
+        "cpu_ms_per_nonstream_request_vs_reference",
+        "cpu_ms_per_stream_vs_reference",
+        "cpu_ms_per_stream_spaced_events_vs_reference",
+    } <= metrics
+    assert (
+        "targets:" in completed.stdout
+        and "Metric" in completed.stdout
+        and "reference" in completed.stdout
+    )

@@ -23,15 +23,18 @@ import http.client
 import json
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emulator import AzureEmulator
 from gateway.config import load_settings
 from gateway.validation import bundle, load_registry
-from server import GatewayServer, make_app
+from handlers.app import make_app
+from handlers.listeners import GatewayServer
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gateway.chat import build_gpt_chat_body
 from gateway.errors import GatewayError
+from gateway.gpt_chat import build_gpt_chat_body
 
 
 def test_messages_in_the_original_order():
@@ -18,7 +18,9 @@ def test_messages_in_the_original_order():
 
 
 def test_user_prompt_alias_and_optional_roles_left_out():
-    body = build_gpt_chat_body({"userPrompt": "Hi", "systemPrompt": "", "assistantPrompt": None}, {})
+    body = build_gpt_chat_body(
+        {"userPrompt": "Hi", "systemPrompt": "", "assistantPrompt": None}, {}
+    )
     assert body == {"messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -35,25 +37,46 @@ def test_request_value_then_default_then_omitted():
 
 
 def test_null_and_empty_fall_back_and_are_never_sent():
-    body = build_gpt_chat_body({"prompt": "x", "temperature": None, "user": ""}, {"temperature": 0.5})
+    body = build_gpt_chat_body(
+        {"prompt": "x", "temperature": None, "user": ""}, {"temperature": 0.5}
+    )
     assert body == {"messages": [{"role": "user", "content": "x"}], "temperature": 0.5}
 
 
 def test_zero_is_a_value_not_absence():
-    body = build_gpt_chat_body({"prompt": "x", "temperature": 0, "stream": False}, {"temperature": 1.0, "stream": True})
+    body = build_gpt_chat_body(
+        {"prompt": "x", "temperature": 0, "stream": False}, {"temperature": 1.0, "stream": True}
+    )
     assert body["temperature"] == 0 and body["stream"] is False
 
 
 def test_messages_replace_the_prompt_fields_and_features_pass_through():
     conversation = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": "{}"},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
-    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    tools = [
+        {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    ]
     body = build_gpt_chat_body(
-        {"messages": conversation, "tools": tools, "tool_choice": "auto", "seed": 0, "logit_bias": None},
+        {
+            "messages": conversation,
+            "tools": tools,
+            "tool_choice": "auto",
+            "seed": 0,
+            "logit_bias": None,
+        },
         {"temperature": 0.4},
     )
     assert body == {

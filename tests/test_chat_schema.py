@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,10 @@ from gateway.validation import BodyValidator, load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "schema" / "chat_completions.schema.json"
-# The shared spec folder sits beside the repository (as in CI); AZURE_OPENAI_SPEC_DIR overrides.
-SPEC_DIR = Path(
-    os.environ.get("AZURE_OPENAI_SPEC_DIR")
-    or Path(__file__).resolve().parents[2] / "shared" / "azure-openai-spec"
-)
-SPEC_YAML = SPEC_DIR / "2024-10-21-inference.yaml"
-EXAMPLES_DIR = SPEC_DIR / "2024-10-21-examples"
-
-needs_spec = pytest.mark.skipif(not SPEC_YAML.exists(), reason=f"spec not found in {SPEC_DIR}")
+# The official spec and its examples, kept in the repository (tests/spec/.../SOURCE.md).
+SPEC_DIR = ROOT / "tests" / "spec" / "azure-openai-2024-10-21"
+SPEC_YAML = SPEC_DIR / "inference.yaml"
+EXAMPLES_DIR = SPEC_DIR / "examples"
 
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
 VALIDATOR = Draft202012Validator(SCHEMA)
@@ -171,7 +165,6 @@ def _spec_request_properties() -> dict[str, dict[str, Any]]:
     return merged
 
 
-@needs_spec
 def test_every_request_field_of_the_dated_spec_is_known_but_azure_s_own():
     spec_fields = set(_spec_request_properties())
     assert "stream_options" in spec_fields  # only in the (newer) YAML revision
@@ -180,7 +173,6 @@ def test_every_request_field_of_the_dated_spec_is_known_but_azure_s_own():
     assert_valid(body(data_sources=[{"type": "azure_search", "parameters": {}}]))
 
 
-@needs_spec
 def test_numeric_ranges_are_no_stricter_than_the_dated_spec():
     spec = _spec_request_properties()
     for name, prop in spec.items():
@@ -194,7 +186,6 @@ def test_numeric_ranges_are_no_stricter_than_the_dated_spec():
             assert ours["maximum"] >= prop["maximum"], name
 
 
-@needs_spec
 def test_fields_the_spec_declares_nullable_accept_null():
     for name, prop in _spec_request_properties().items():
         if prop.get("nullable") or prop.get("default", "absent") is None:
@@ -205,20 +196,16 @@ def test_fields_the_spec_declares_nullable_accept_null():
 
 
 def _example_bodies() -> list[tuple[str, dict[str, Any]]]:
-    if not EXAMPLES_DIR.exists():
-        return []
     return [
         (path.name, json.loads(path.read_text())["parameters"]["body"])
         for path in sorted(EXAMPLES_DIR.glob("chat_completions*.json"))
     ]
 
 
-@needs_spec
 def test_the_spec_has_chat_completion_examples():
     assert len(_example_bodies()) >= 4
 
 
-@needs_spec
 @pytest.mark.parametrize(
     "example", [body for _, body in _example_bodies()], ids=[name for name, _ in _example_bodies()]
 )
@@ -927,7 +914,7 @@ def test_role_discrimination_gives_no_any_of_noise():
     bad["messages"][3] = {"role": "tool", "content": "x"}
     errors = errors_of(bad)
     assert [(list(e.absolute_path), e.validator) for e in errors] == [(["messages", 3], "required")]
-    assert "'tool_call_id' is a required property" == errors[0].message
+    assert errors[0].message == "'tool_call_id' is a required property"
 
 
 def test_each_message_kind_passes_unknown_fields_and_keeps_its_required_ones():

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_settings
+from gateway.config import load_settings, readme_table, variables
 from gateway.errors import ConfigError
 from gateway.secret import Secret
+from gateway.upstream.urls import upstream_url
 
 REQUIRED = {
     "ENDPOINT": "https://example.openai.azure.com/",
@@ -36,7 +37,7 @@ def test_defaults_and_upstream_url(tmp_path):
     assert loaded.max_body_size == 1024 * 1024
     assert loaded.max_clients == 1000
     assert dict(loaded.parameter_defaults) == {}
-    assert loaded.deployments[0].chat_url == (
+    assert upstream_url(loaded.deployments[0], "chat/completions") == (
         "https://example.openai.azure.com/openai/deployments/gpt-4o"
         "/chat/completions?api-version=2024-10-21"
     )
@@ -45,8 +46,12 @@ def test_defaults_and_upstream_url(tmp_path):
 def test_endpoint_with_or_without_trailing_slash_and_http(tmp_path):
     without = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999"})
     with_slash = settings(tmp_path, **{**REQUIRED, "ENDPOINT": "http://127.0.0.1:9999/"})
-    assert without.deployments[0].chat_url == with_slash.deployments[0].chat_url
-    assert without.deployments[0].chat_url.startswith("http://127.0.0.1:9999/openai/")
+    assert upstream_url(without.deployments[0], "chat/completions") == upstream_url(
+        with_slash.deployments[0], "chat/completions"
+    )
+    assert upstream_url(without.deployments[0], "chat/completions").startswith(
+        "http://127.0.0.1:9999/openai/"
+    )
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
@@ -109,7 +114,7 @@ def test_missing_required_values_are_each_named(tmp_path):
         "ENDPOINT: is required (or set DEPLOYMENTS_FILE)",
         "DEPLOYMENT_NAME: is required (or set DEPLOYMENTS_FILE)",
         "API_VERSION: is required (or set DEPLOYMENTS_FILE)",
-        "KEY: is required (or set DEPLOYMENTS_FILE)",
+        "KEY: is required (or set DEPLOYMENTS_FILE, or AZURE_AUTH=entra for Entra ID)",
     ]
 
 
@@ -182,13 +187,63 @@ def test_a_proxy_that_is_not_plain_http_is_a_config_error(tmp_path):
     assert not any("s3cret-pw" in problem for problem in found)
 
 
+def test_readme_table_is_the_declared_settings():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert readme_table() in readme
+    documented = {variable.name for variable in variables()}
+    assert {
+        "HOST",
+        "KEY",
+        "DEPLOYMENTS_FILE",
+        "temperature",
+        "NO_PROXY",
+        "LOG_FORMAT",
+    } <= documented
+
+
+def test_admission_routing_and_keepalive_settings(tmp_path):
+    loaded = settings(tmp_path, **REQUIRED)
+    assert loaded.stream_keepalive == 15.0 and loaded.routing == "weighted"
+    assert loaded.default_completion_tokens == 1024 and loaded.tiktoken_cache_dir is None
+    chosen = settings(
+        tmp_path,
+        STREAM_KEEPALIVE="0",
+        ROUTING="least-busy",
+        DEFAULT_COMPLETION_TOKENS="256",
+        TIKTOKEN_CACHE_DIR=str(tmp_path),
+        **REQUIRED,
+    )
+    assert chosen.stream_keepalive == 0.0 and chosen.routing == "least-busy"
+    assert chosen.default_completion_tokens == 256 and chosen.tiktoken_cache_dir == str(tmp_path)
+    assert set(
+        problems(
+            tmp_path,
+            STREAM_KEEPALIVE="-1",
+            ROUTING="random",
+            DEFAULT_COMPLETION_TOKENS="0",
+            TIKTOKEN_CACHE_DIR=str(tmp_path / "absent"),
+            **REQUIRED,
+        )
+    ) == {
+        "STREAM_KEEPALIVE: must be a number of seconds >= 0",
+        "ROUTING: must be weighted or least-busy",
+        "DEFAULT_COMPLETION_TOKENS: must be an integer >= 1",
+        f"TIKTOKEN_CACHE_DIR: must name an existing directory ({tmp_path / 'absent'} not found)",
+    }
+
+
 def test_request_limits_have_named_defaults_and_are_checked(tmp_path):
     loaded = settings(tmp_path, **REQUIRED)
     assert loaded.max_other_body_size == 4096 and loaded.max_header_size == 65536
     assert loaded.max_json_depth == 64
     assert loaded.body_timeout == 30 and loaded.keep_alive_timeout == 65
     assert loaded.max_cooldown == 60
-    bad = {"MAX_JSON_DEPTH": "300", "BODY_TIMEOUT": "0", "MAX_COOLDOWN": "soon", "MAX_HEADER_SIZE": "9"}
+    bad = {
+        "MAX_JSON_DEPTH": "300",
+        "BODY_TIMEOUT": "0",
+        "MAX_COOLDOWN": "soon",
+        "MAX_HEADER_SIZE": "9",
+    }
     assert problems(tmp_path, **REQUIRED, **bad) == [
         "MAX_JSON_DEPTH: must be an integer from 1 to 254",
         "MAX_HEADER_SIZE: must be an integer >= 1024",

@@ -11,7 +11,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 
 from emulator import AzureEmulator, Fault
-from gateway.httpclient import KeepAliveHTTPClient
+from gateway.upstream.httpclient import KeepAliveHTTPClient
 
 KEY = "test-emulator-key"
 VERSION = "2024-10-21"
@@ -57,14 +57,21 @@ async def chat(
         f"{emulator.url}/openai/deployments/{deployment}/chat/completions{query}",
         method="POST",
         body=body if isinstance(body, bytes) else json.dumps(body),
-        headers={"Content-Type": "application/json", **({"api-key": key} if key else {}), **(headers or {})},
+        headers={
+            "Content-Type": "application/json",
+            **({"api-key": key} if key else {}),
+            **(headers or {}),
+        },
         raise_error=False,
         **kwargs,
     )
 
 
 def ask(text: str, **extra: Any) -> dict:
-    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}], **extra}
+    return {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}],
+        **extra,
+    }
 
 
 def events(body: bytes) -> list[Any]:
@@ -79,7 +86,12 @@ def events(body: bytes) -> list[Any]:
 
 
 def joined(chunks: list[dict], index: int = 0) -> str:
-    deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"] if choice["index"] == index]
+    deltas = [
+        choice["delta"]
+        for chunk in chunks
+        for choice in chunk["choices"]
+        if choice["index"] == index
+    ]
     return "".join(delta.get("content") or "" for delta in deltas)
 
 
@@ -89,12 +101,19 @@ def joined(chunks: list[dict], index: int = 0) -> str:
 @pytest.mark.gen_test
 async def test_wrong_or_missing_key_is_azure_401(emulator, client):
     for key in ("nope", None):
-        response = await chat(emulator, client, ask("hi"), key=key, headers={"Authorization": f"Bearer {KEY}"})
+        response = await chat(
+            emulator, client, ask("hi"), key=key, headers={"Authorization": f"Bearer {KEY}"}
+        )
         assert response.code == 401
-        assert json.loads(response.body) == {"error": {"code": "401", "message": (
-            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
-            "for an active subscription and use a correct regional API endpoint for your resource."
-        )}}
+        assert json.loads(response.body) == {
+            "error": {
+                "code": "401",
+                "message": (
+                    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
+                    "for an active subscription and use a correct regional API endpoint for your resource."
+                ),
+            }
+        }
     assert len(emulator.requests) == 2
     assert emulator.requests[0].headers["api-key"] == "nope"
     assert "api-key" not in emulator.requests[1].headers
@@ -134,12 +153,20 @@ async def test_unknown_deployment_is_deployment_not_found(emulator, client):
 
 @pytest.mark.gen_test
 async def test_bad_bodies_are_invalid_request_errors(emulator, client):
-    for body, param in ((b"{not json", None), ({"model": "x"}, "messages"), ({"messages": []}, "messages"),
-                        (ask("hi", n=0), "n")):
+    for body, param in (
+        (b"{not json", None),
+        ({"model": "x"}, "messages"),
+        ({"messages": []}, "messages"),
+        (ask("hi", n=0), "n"),
+    ):
         response = await chat(emulator, client, body)
         assert response.code == 400
         error = json.loads(response.body)["error"]
-        assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+        assert (
+            error["type"] == "invalid_request_error"
+            and error["param"] == param
+            and error["message"]
+        )
     assert [record.json for record in emulator.requests][:2] == [None, {"model": "x"}]
     assert emulator.requests[0].body == b"{not json"
 
@@ -149,7 +176,9 @@ async def test_bad_bodies_are_invalid_request_errors(emulator, client):
 
 @pytest.mark.gen_test
 async def test_non_stream_answer_has_azure_shape_and_word_usage(emulator, client):
-    response = await chat(emulator, client, ask("hello there world"), headers={"x-request-id": "trace-1"})
+    response = await chat(
+        emulator, client, ask("hello there world"), headers={"x-request-id": "trace-1"}
+    )
     assert response.code == 200
     assert response.headers["Content-Type"] == "application/json"
     assert response.headers["apim-request-id"]
@@ -162,16 +191,29 @@ async def test_non_stream_answer_has_azure_shape_and_word_usage(emulator, client
     assert body["system_fingerprint"] and abs(body["created"] - time.time()) < 60
     [choice] = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] == "stop" and choice["logprobs"] is None
-    assert choice["message"] == {"role": "assistant", "content": "You said: hello there world", "refusal": None}
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "You said: hello there world",
+        "refusal": None,
+    }
     assert choice["content_filter_results"]["hate"] == SAFE
-    assert choice["content_filter_results"]["protected_material_text"] == {"filtered": False, "detected": False}
+    assert choice["content_filter_results"]["protected_material_text"] == {
+        "filtered": False,
+        "detected": False,
+    }
     [prompt_filter] = body["prompt_filter_results"]
-    assert prompt_filter["content_filter_results"]["jailbreak"] == {"filtered": False, "detected": False}
+    assert prompt_filter["content_filter_results"]["jailbreak"] == {
+        "filtered": False,
+        "detected": False,
+    }
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
 
     record = emulator.requests[-1]
-    assert (record.method, record.path, record.query) == ("POST", "/openai/deployments/gpt-4o/chat/completions",
-                                                          {"api-version": VERSION})
+    assert (record.method, record.path, record.query) == (
+        "POST",
+        "/openai/deployments/gpt-4o/chat/completions",
+        {"api-version": VERSION},
+    )
     assert record.deployment == "gpt-4o" and record.json == ask("hello there world")
     assert record.response_body == response.body
     assert record.finished.is_set() and not record.client_gone.is_set()
@@ -179,9 +221,16 @@ async def test_non_stream_answer_has_azure_shape_and_word_usage(emulator, client
 
 @pytest.mark.gen_test
 async def test_content_parts_n_and_max_tokens(emulator, client):
-    parts = [{"type": "text", "text": "look at"}, {"type": "image_url", "image_url": {"url": "x"}},
-             {"type": "text", "text": "this"}]
-    body = json.loads((await chat(emulator, client, {"messages": [{"role": "user", "content": parts}], "n": 2})).body)
+    parts = [
+        {"type": "text", "text": "look at"},
+        {"type": "image_url", "image_url": {"url": "x"}},
+        {"type": "text", "text": "this"},
+    ]
+    body = json.loads(
+        (
+            await chat(emulator, client, {"messages": [{"role": "user", "content": parts}], "n": 2})
+        ).body
+    )
     contents = [choice["message"]["content"] for choice in body["choices"]]
     assert contents == ["You said: look at this", "You said (1): look at this"]
     assert body["usage"]["completion_tokens"] == 5 + 6
@@ -195,13 +244,20 @@ async def test_content_parts_n_and_max_tokens(emulator, client):
 
 @pytest.mark.gen_test
 async def test_json_mode_answers_a_json_string(emulator, client):
-    for response_format in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "echo"}}):
-        body = json.loads((await chat(emulator, client, ask("hi you", response_format=response_format))).body)
+    for response_format in (
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "echo"}},
+    ):
+        body = json.loads(
+            (await chat(emulator, client, ask("hi you", response_format=response_format))).body
+        )
         assert json.loads(body["choices"][0]["message"]["content"]) == {"echo": "hi you"}
 
 
-TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
-         {"type": "function", "function": {"name": "other"}}]
+TOOLS = [
+    {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "other"}},
+]
 
 
 @pytest.mark.gen_test
@@ -218,21 +274,30 @@ async def test_forced_tool_and_function_calls(emulator, client):
         assert json.loads(call["function"]["arguments"]) == {"echo": "find it"}
 
     for tool_choice in ("auto", None):  # no tool_choice with tools given means auto
-        auto = json.loads((await chat(emulator, client, ask("x", tools=TOOLS, tool_choice=tool_choice))).body)
+        auto = json.loads(
+            (await chat(emulator, client, ask("x", tools=TOOLS, tool_choice=tool_choice))).body
+        )
         assert auto["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
-    none = json.loads((await chat(emulator, client, ask("x", tools=TOOLS, tool_choice="none"))).body)
+    none = json.loads(
+        (await chat(emulator, client, ask("x", tools=TOOLS, tool_choice="none"))).body
+    )
     assert none["choices"][0]["message"]["content"] == "You said: x"
     call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
     answered = ask("x", tools=TOOLS, tool_choice="auto")
-    answered["messages"] += [{"role": "assistant", "content": None, "tool_calls": [call]},
-                             {"role": "tool", "tool_call_id": "call_1", "content": "found"}]
+    answered["messages"] += [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "found"},
+    ]
     final = json.loads((await chat(emulator, client, answered)).body)["choices"][0]
     assert (final["finish_reason"], final["message"]["content"]) == ("stop", "You said: x")
 
     legacy = ask("old style", functions=[{"name": "f"}], function_call={"name": "f"})
     choice = json.loads((await chat(emulator, client, legacy)).body)["choices"][0]
     assert choice["finish_reason"] == "function_call"
-    assert choice["message"]["function_call"] == {"name": "f", "arguments": json.dumps({"echo": "old style"})}
+    assert choice["message"]["function_call"] == {
+        "name": "f",
+        "arguments": json.dumps({"echo": "old style"}),
+    }
 
 
 # --- streams ------------------------------------------------------------------------
@@ -250,10 +315,15 @@ async def test_stream_event_sequence(emulator, client):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     words = [chunk["choices"][0]["delta"]["content"] for chunk in chunks[1:-1]]
     assert words == ["You", " said:", " stream", " this", " please"]
-    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert (
+        chunks[-1]["choices"][0]["delta"] == {}
+        and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    )
     assert all(chunk["finish_reason"] is None for c in chunks[:-1] for chunk in c["choices"])
     assert {chunk["id"] for chunk in chunks} == {chunks[0]["id"]}
-    assert all(chunk["object"] == "chat.completion.chunk" and chunk["model"] == MODEL for chunk in chunks)
+    assert all(
+        chunk["object"] == "chat.completion.chunk" and chunk["model"] == MODEL for chunk in chunks
+    )
     assert not any("usage" in payload for payload in payloads[:-1])
     assert emulator.requests[-1].response_body == response.body
     assert emulator.requests[-1].finished.is_set()
@@ -261,7 +331,9 @@ async def test_stream_event_sequence(emulator, client):
 
 @pytest.mark.gen_test
 async def test_stream_usage_chunk_only_with_include_usage(emulator, client):
-    response = await chat(emulator, client, ask("count me  in ", stream=True, stream_options={"include_usage": True}))
+    response = await chat(
+        emulator, client, ask("count me  in ", stream=True, stream_options={"include_usage": True})
+    )
     payloads = events(response.body)[:-1]
     assert all(payload["usage"] is None for payload in payloads[:-1])
     assert payloads[-1]["choices"] == []
@@ -317,7 +389,9 @@ async def test_stream_forced_legacy_function_call_deltas(emulator, client):
     ],
 )
 @pytest.mark.gen_test
-async def test_fault_presets_answer_azure_errors_to_plain_and_stream_requests(emulator, client, kind, status, error):
+async def test_fault_presets_answer_azure_errors_to_plain_and_stream_requests(
+    emulator, client, kind, status, error
+):
     emulator.add_fault(Fault(kind=kind, times=2))
     for stream in (False, True):
         response = await chat(emulator, client, ask("x", stream=stream))
@@ -330,10 +404,17 @@ async def test_fault_presets_answer_azure_errors_to_plain_and_stream_requests(em
 
 @pytest.mark.gen_test
 async def test_rate_limit_retry_headers_agree(emulator, client):
-    for headers, seconds in (({}, "1"), ({"Retry-After-Ms": "4000"}, "4"), ({"retry-after": "2"}, "2")):
+    for headers, seconds in (
+        ({}, "1"),
+        ({"Retry-After-Ms": "4000"}, "4"),
+        ({"retry-after": "2"}, "2"),
+    ):
         emulator.add_fault(Fault(kind="rate_limit", headers=headers))
         response = await chat(emulator, client, ask("x"))
-        assert (response.headers["retry-after"], response.headers["retry-after-ms"]) == (seconds, seconds + "000")
+        assert (response.headers["retry-after"], response.headers["retry-after-ms"]) == (
+            seconds,
+            seconds + "000",
+        )
         assert f"retry after {seconds} seconds" in json.loads(response.body)["error"]["message"]
 
 
@@ -352,9 +433,15 @@ async def test_faults_are_fifo_counted_and_skip_refused_requests(emulator, clien
     emulator.add_fault(Fault(status=502, headers={"x-extra": "1"}))
     assert (await chat(emulator, client, ask("x"), key="bad")).code == 401
     first, second = await chat(emulator, client, ask("x")), await chat(emulator, client, ask("x"))
-    assert first.code == second.code == 418 and json.loads(first.body) == {"error": {"code": "teapot"}}
+    assert first.code == second.code == 418 and json.loads(first.body) == {
+        "error": {"code": "teapot"}
+    }
     third = await chat(emulator, client, ask("x"))
-    assert third.code == 502 and third.headers["x-extra"] == "1" and json.loads(third.body)["error"]["code"] == "502"
+    assert (
+        third.code == 502
+        and third.headers["x-extra"] == "1"
+        and json.loads(third.body)["error"]["code"] == "502"
+    )
     assert (await chat(emulator, client, ask("x"))).code == 200
 
     emulator.add_fault(Fault(headers={"x-ratelimit-remaining-requests": "7"}))
@@ -393,8 +480,12 @@ async def test_delay_comes_before_answers_and_errors(emulator, client):
 async def test_chunk_gap_spaces_the_events(emulator, client):
     emulator.add_fault(Fault(chunk_gap=0.05))
     arrivals: list[float] = []
-    response = await chat(emulator, client, ask("one two three", stream=True),
-                          streaming_callback=lambda chunk: arrivals.append(time.monotonic()))
+    response = await chat(
+        emulator,
+        client,
+        ask("one two three", stream=True),
+        streaming_callback=lambda chunk: arrivals.append(time.monotonic()),
+    )
     assert response.code == 200
     assert len(events(emulator.requests[-1].response_body)) == 9  # so 8 gaps of 0.05 s
     assert len(arrivals) >= 5
@@ -406,7 +497,9 @@ async def test_reset_after_drops_the_connection_after_n_events(emulator, keep_al
     emulator.add_fault(Fault(reset_after=3))
     received: list[bytes] = []
     with pytest.raises(HTTPClientError, match="reset"):
-        await chat(emulator, keep_alive, ask("a b c d e", stream=True), streaming_callback=received.append)
+        await chat(
+            emulator, keep_alive, ask("a b c d e", stream=True), streaming_callback=received.append
+        )
     assert len(events(b"".join(received))) == 3
     record = emulator.requests[-1]
     assert not record.finished.is_set() and not record.client_gone.is_set()
@@ -432,8 +525,14 @@ async def test_hang_is_released_when_the_client_goes_away(emulator, client):
 async def test_stop_ends_a_stream_in_progress(emulator, client):
     emulator.add_fault(Fault(chunk_gap=30))
     first_event = asyncio.Event()
-    request = asyncio.ensure_future(chat(emulator, client, ask("x", stream=True),
-                                         streaming_callback=lambda chunk: first_event.set()))
+    request = asyncio.ensure_future(
+        chat(
+            emulator,
+            client,
+            ask("x", stream=True),
+            streaming_callback=lambda chunk: first_event.set(),
+        )
+    )
     await asyncio.wait_for(first_event.wait(), 2)
     await asyncio.wait_for(emulator.stop(), 2)
     with pytest.raises(HTTPClientError):
@@ -448,37 +547,54 @@ async def test_stop_ends_a_stream_in_progress(emulator, client):
 @pytest.mark.gen_test
 async def test_control_routes(emulator, client):
     async def control(method: str, path: str, body: Any = None) -> HTTPResponse:
-        return await client.fetch(emulator.url + path, method=method, raise_error=False,
-                                  body=None if body is None else json.dumps(body))
+        return await client.fetch(
+            emulator.url + path,
+            method=method,
+            raise_error=False,
+            body=None if body is None else json.dumps(body),
+        )
 
-    queued = await control("POST", "/_emulator/faults", [{"kind": "rate_limit"}, {"status": 418, "times": 2}])
+    queued = await control(
+        "POST", "/_emulator/faults", [{"kind": "rate_limit"}, {"status": 418, "times": 2}]
+    )
     assert queued.code == 200 and json.loads(queued.body) == {"queued": 2}
     refused = await control("POST", "/_emulator/faults", [{"status": 500}, {"bogus": 1}])
     assert refused.code == 400 and "'bogus'" in json.loads(refused.body)["error"]["message"]
     assert (await control("POST", "/_emulator/faults", {"kind": "rate_limit"})).code == 200
 
-    codes = [(await chat(emulator, client, ask("x"), headers={"Authorization": f"Bearer {KEY}"})).code
-             for _ in range(5)]
+    codes = [
+        (await chat(emulator, client, ask("x"), headers={"Authorization": f"Bearer {KEY}"})).code
+        for _ in range(5)
+    ]
     assert codes == [429, 418, 418, 429, 200]
 
     listed = json.loads((await control("GET", "/_emulator/requests")).body)
     assert len(listed) == 5
     assert listed[0]["method"] == "POST" and listed[0]["query"] == {"api-version": VERSION}
-    assert listed[0]["headers"]["api-key"] == "***" and listed[0]["headers"]["authorization"] == "***"
+    assert (
+        listed[0]["headers"]["api-key"] == "***" and listed[0]["headers"]["authorization"] == "***"
+    )
     assert listed[0]["json"] == ask("x")
     assert KEY not in json.dumps(listed)
 
     stats = json.loads((await control("GET", "/_emulator/stats")).body)
-    assert stats == {"connections_accepted": 10, "requests": 5}  # the simple client: one connection per request
+    assert stats == {
+        "connections_accepted": 10,
+        "requests": 5,
+    }  # the simple client: one connection per request
     await control("POST", "/_emulator/faults", {"status": 500})
     assert (await control("DELETE", "/_emulator/requests")).code == 204
     assert json.loads((await control("GET", "/_emulator/requests")).body) == []
-    assert (await chat(emulator, client, ask("x"))).code == 500  # deleting requests keeps the faults
+    assert (
+        await chat(emulator, client, ask("x"))
+    ).code == 500  # deleting requests keeps the faults
 
 
 @pytest.mark.gen_test
 async def test_keep_alive_requests_share_one_connection(emulator, keep_alive):
     for stream in (False, True, False):
-        assert (await chat(emulator, keep_alive, ask("again", stream=stream), deployment="backup")).code == 200
+        assert (
+            await chat(emulator, keep_alive, ask("again", stream=stream), deployment="backup")
+        ).code == 200
     assert emulator.connections_accepted == 1
     assert all(record.finished.is_set() for record in emulator.requests)

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 
 from emulator import AzureEmulator, Fault
-from gateway.httpclient import KeepAliveHTTPClient
+from gateway.upstream.httpclient import KeepAliveHTTPClient
 
 from .conftest import DEPLOYMENT, EMULATOR_KEY
 

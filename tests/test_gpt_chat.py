@@ -9,21 +9,17 @@ import logging
 
 import pytest
 import tornado.web
+from tornado.httpclient import HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
-from tornado.httpclient import HTTPClientError
 
 from emulator import Fault
-from gateway.httpclient import KeepAliveHTTPClient
-from gateway.sse import EventFramer, event_data, usage_in
+from gateway.upstream.httpclient import KeepAliveHTTPClient
+from gateway.upstream.sse import EventFramer, usage_in
 from handlers.base import SECURITY_HEADERS
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY, free_port
-
-
-def parse_events(body: bytes) -> list[bytes]:
-    return [event_data(event) for event in EventFramer().feed(body)]
-
+from .support.sse import parse_events
 
 # --- the plain routes -------------------------------------------------------
 
@@ -56,7 +52,7 @@ async def test_error_answers_carry_the_same_default_headers(gateway, monkeypatch
     not_found = await gateway.get("/nope")
     wrong_method = await gateway.get("/v1/gpt/chat")
     bad_body = await gateway.post("/v1/gpt/chat", b"{not json")
-    monkeypatch.setattr("handlers.chat.GptChatHandler.upstream_body", broken)
+    monkeypatch.setattr("gateway.pipeline.Pipeline.candidates", broken)
     failed = await gateway.post("/v1/gpt/chat", {"prompt": "hello"})
     answers = (ok, not_found, wrong_method, bad_body, failed)
     assert [answer.code for answer in answers] == [200, 404, 405, 400, 500]
@@ -72,13 +68,21 @@ async def test_error_answers_carry_the_same_default_headers(gateway, monkeypatch
 async def test_unknown_path_is_404_envelope(gateway):
     for method, path in (("GET", "/nope"), ("POST", "/v2/gpt/chat")):
         response = await gateway.client.fetch(
-            gateway.url + path, method=method, body=b"{}" if method == "POST" else None, raise_error=False
+            gateway.url + path,
+            method=method,
+            body=b"{}" if method == "POST" else None,
+            raise_error=False,
         )
         assert response.code == 404
         assert json.loads(response.body) == {
             "success": 0,
             "message": "API Not found.",
-            "error": {"code": "not_found", "message": "API Not found.", "type": "invalid_request_error", "param": None},
+            "error": {
+                "code": "not_found",
+                "message": f"No route for {method} {path}",
+                "type": "invalid_request_error",
+                "param": None,
+            },
         }
 
 
@@ -97,8 +101,11 @@ async def test_cors_preflight_and_allowed_origins(start_gateway):
     preflight = await open_gateway.client.fetch(
         open_gateway.url + "/v1/gpt/chat",
         method="OPTIONS",
-        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type,authorization"},
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization",
+        },
     )
     assert preflight.code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "*"
@@ -133,7 +140,12 @@ async def test_chat_returns_azure_json_plus_success(gateway):
 async def test_upstream_request_url_key_and_message_order(gateway):
     await gateway.post(
         "/v1/gpt/chat",
-        {"systemPrompt": "Be brief.", "userPrompt": "Hi", "assistantPrompt": "Hello!", "temperature": 0.2},
+        {
+            "systemPrompt": "Be brief.",
+            "userPrompt": "Hi",
+            "assistantPrompt": "Hello!",
+            "temperature": 0.2,
+        },
         headers={"x-request-id": "trace-123"},
     )
     received = gateway.emulator.requests[-1]
@@ -166,7 +178,10 @@ async def test_env_defaults_fill_what_the_request_leaves_out(start_gateway):
 @pytest.mark.gen_test
 async def test_json_answers_are_gzipped_when_asked(gateway):
     response = await gateway.post(
-        "/v1/gpt/chat", {"prompt": "zip me " * 300}, headers={"Accept-Encoding": "gzip"}, decompress_response=False
+        "/v1/gpt/chat",
+        {"prompt": "zip me " * 300},
+        headers={"Accept-Encoding": "gzip"},
+        decompress_response=False,
     )
     assert response.headers["Content-Encoding"] == "gzip"
     assert json.loads(gzip.decompress(response.body))["success"] == 1
@@ -184,7 +199,13 @@ async def test_bad_input_is_refused_before_the_upstream(start_gateway):
         ({"systemPrompt": "only"}, {}, 400, "invalid_request", None),
         (b"{not json", {}, 400, "invalid_json", None),
         (b"[1, 2]", {}, 400, "invalid_json", None),
-        (b"prompt=hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type", None),
+        (
+            b"prompt=hi",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            415,
+            "unsupported_media_type",
+            None,
+        ),
         ({"prompt": "x" * 5000}, {}, 413, "body_too_large", None),
     ]
     for body, headers, status, code, param in cases:
@@ -203,8 +224,11 @@ async def test_oversized_body_gets_its_413_on_a_connection_that_stays_usable(sta
     client = KeepAliveHTTPClient(force_instance=True)
     try:
         big = await client.fetch(
-            gateway.url + "/v1/gpt/chat", method="POST", body=json.dumps({"prompt": "y" * 300_000}),
-            headers={"Content-Type": "application/json"}, raise_error=False,
+            gateway.url + "/v1/gpt/chat",
+            method="POST",
+            body=json.dumps({"prompt": "y" * 300_000}),
+            headers={"Content-Type": "application/json"},
+            raise_error=False,
         )
         assert big.code == 413
         assert json.loads(big.body)["error"]["code"] == "body_too_large"
@@ -219,7 +243,9 @@ async def test_oversized_body_gets_its_413_on_a_connection_that_stays_usable(sta
 
 @pytest.mark.gen_test
 async def test_429_stays_429_with_retry_after(gateway):
-    gateway.emulator.add_fault(Fault(kind="rate_limit", headers={"retry-after-ms": "1500", "retry-after": "2"}))
+    gateway.emulator.add_fault(
+        Fault(kind="rate_limit", headers={"retry-after-ms": "1500", "retry-after": "2"})
+    )
     response = await gateway.post("/v1/gpt/chat", {"prompt": "x"})
     assert response.code == 429
     assert response.headers["Retry-After"] == "2"
@@ -280,7 +306,9 @@ async def test_slow_upstream_is_504(start_gateway):
 @pytest.mark.gen_test
 async def test_stream_relays_every_event_unchanged_and_ends_with_done(gateway):
     response = await gateway.post(
-        "/v1/gpt/chat", {"prompt": "stream this please", "stream": True}, headers={"Accept-Encoding": "gzip"},
+        "/v1/gpt/chat",
+        {"prompt": "stream this please", "stream": True},
+        headers={"Accept-Encoding": "gzip"},
         decompress_response=False,
     )
     assert response.code == 200
@@ -321,7 +349,9 @@ async def test_first_event_arrives_before_the_upstream_has_finished(gateway):
         arrivals.append(gateway.emulator.requests[-1].finished.is_set())
 
     response = await gateway.post(
-        "/v1/gpt/chat", {"prompt": "one two three four five", "stream": True}, streaming_callback=on_chunk
+        "/v1/gpt/chat",
+        {"prompt": "one two three four five", "stream": True},
+        streaming_callback=on_chunk,
     )
     assert response.code == 200
     assert len(arrivals) >= 5
@@ -382,7 +412,11 @@ async def test_caller_disconnect_closes_the_upstream_within_a_second(gateway):
         raise ConnectionAbortedError("caller hangs up")
 
     request = asyncio.ensure_future(
-        gateway.post("/v1/gpt/chat", {"prompt": " ".join(["word"] * 50), "stream": True}, streaming_callback=on_chunk)
+        gateway.post(
+            "/v1/gpt/chat",
+            {"prompt": " ".join(["word"] * 50), "stream": True},
+            streaming_callback=on_chunk,
+        )
     )
     await asyncio.wait_for(first_event.wait(), 5)
     with pytest.raises(Exception):
@@ -397,8 +431,11 @@ async def test_caller_disconnect_closes_a_slow_non_stream_call(gateway):
     gateway.emulator.add_fault(Fault(hang=True))
     with pytest.raises(HTTPClientError):
         await gateway.client.fetch(
-            gateway.url + "/v1/gpt/chat", method="POST", body=json.dumps({"prompt": "x"}),
-            headers={"Content-Type": "application/json"}, request_timeout=0.3,
+            gateway.url + "/v1/gpt/chat",
+            method="POST",
+            body=json.dumps({"prompt": "x"}),
+            headers={"Content-Type": "application/json"},
+            request_timeout=0.3,
         )
     await asyncio.wait_for(gateway.emulator.requests[-1].client_gone.wait(), 1.5)
 
@@ -411,7 +448,11 @@ async def test_key_never_in_logs_or_responses(start_gateway, caplog):
     caplog.set_level(logging.DEBUG)
     gateway = start_gateway()
     seen = []
-    for body in ({"prompt": "x"}, {"prompt": "x", "stream": True}, {"prompt": "x", "temperature": 9}):
+    for body in (
+        {"prompt": "x"},
+        {"prompt": "x", "stream": True},
+        {"prompt": "x", "temperature": 9},
+    ):
         seen.append(await gateway.post("/v1/gpt/chat", body))
     gateway.emulator.add_fault(Fault(kind="server_error"))
     seen.append(await gateway.post("/v1/gpt/chat", {"prompt": "x"}))
@@ -431,7 +472,9 @@ class NotJsonUpstream(tornado.web.RequestHandler):
 
 @pytest.mark.gen_test
 async def test_a_200_that_is_not_json_is_a_clear_502(start_gateway):
-    app = tornado.web.Application([(r"/openai/deployments/([^/]+)/chat/completions", NotJsonUpstream)])
+    app = tornado.web.Application(
+        [(r"/openai/deployments/([^/]+)/chat/completions", NotJsonUpstream)]
+    )
     sock, port = bind_unused_port()
     server = HTTPServer(app)
     server.add_sockets([sock])

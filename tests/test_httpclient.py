@@ -4,104 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from gateway.httpclient import HTTPTransportError, KeepAliveHTTPClient
+from gateway.upstream.httpclient import HTTPTransportError, KeepAliveHTTPClient
 
 from .conftest import free_port
-
-Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def reply(raw: bytes) -> Answer:
-    async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(raw)
-        await writer.drain()
-
-    return answer
-
-
-def ok(body: bytes = b"ok", *extra: str) -> Answer:
-    head = "\r\n".join(["HTTP/1.1 200 OK", f"Content-Length: {len(body)}", *extra])
-    return reply(head.encode() + b"\r\n\r\n" + body)
-
-
-class LoopbackServer:
-    """A server on 127.0.0.1 for one test: counts connections, ends every one at `stop`."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.closed = asyncio.Event()  # set when a connection has ended
-        self.server: asyncio.Server | None = None
-        self.handlers: dict[asyncio.Task, asyncio.StreamWriter] = {}
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self.url
-
-    async def stop(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-        for writer in self.handlers.values():
-            writer.transport.abort()  # each handler then ends on its own
-        await asyncio.gather(*self.handlers, return_exceptions=True)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.handlers[asyncio.current_task()] = writer
-        try:
-            await self.handle(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.transport.abort()
-            del self.handlers[asyncio.current_task()]
-            self.closed.set()
-
-
-class ScriptedServer(LoopbackServer):
-    """An HTTP/1.1 server whose answers are queued by the test, one per request, in order.
-
-    An answer writes whatever bytes it likes; `close` after it ends the
-    connection. With no answer queued, `ok()` is sent. It counts the
-    connections it accepted and keeps the raw requests it read.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.answers: list[tuple[Answer, bool]] = []
-        self.requests: list[bytes] = []
-        self.request_seen = asyncio.Event()
-
-    def queue(self, answer: Answer, *, close: bool = False) -> None:
-        self.answers.append((answer, close))
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            request = head + await reader.readexactly(length)
-            self.requests.append(request)
-            self.request_seen.set()
-            answer, close = self.answers.pop(0) if self.answers else (ok(), False)
-            await answer(reader, writer)
-            if close:
-                return
+from .support.loopback import Answer, LoopbackServer, ScriptedServer, ok, reply
 
 
 @pytest.fixture
@@ -132,7 +45,9 @@ async def test_post_sends_one_well_formed_request_and_reads_the_answer(scripted,
     head, body = scripted.requests[0].split(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     assert lines[0] == "POST /openai/x?api-version=1 HTTP/1.1"
-    assert {"Api-Key: k", "Content-Length: 7", "User-Agent: t", f"Host: {scripted.url[7:]}"} <= set(lines)
+    assert {"Api-Key: k", "Content-Length: 7", "User-Agent: t", f"Host: {scripted.url[7:]}"} <= set(
+        lines
+    )
     assert body == b'{"q":2}'
 
 
@@ -146,7 +61,9 @@ async def test_sequential_requests_reuse_one_connection(scripted, http):
 
 @pytest.mark.gen_test
 async def test_error_statuses_are_responses_with_their_body(scripted, http):
-    scripted.queue(reply(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 4\r\n\r\nslow"))
+    scripted.queue(
+        reply(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 4\r\n\r\nslow")
+    )
     response = await http.fetch(scripted.url, method="POST", body=b"{}", raise_error=False)
     assert (response.code, response.headers["Retry-After"], response.body) == (429, "3", b"slow")
     assert (await http.fetch(scripted.url, method="POST", body=b"{}")).code == 200
@@ -158,7 +75,9 @@ async def test_chunked_answer_streams_per_read_after_every_header_line(scripted,
     gate = asyncio.Event()
 
     async def chunked(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-One: 1\r\n\r\n5\r\nhello\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-One: 1\r\n\r\n5\r\nhello\r\n"
+        )
         await writer.drain()
         await gate.wait()
         writer.write(b"1;ext=2\r\n \r\n6\r\nworld!\r\n0\r\nTrailer: t\r\n\r\n")
@@ -214,7 +133,9 @@ async def test_body_until_close_and_connection_close_are_not_reused(scripted, ht
 
 @pytest.mark.gen_test
 async def test_interim_100_answer_is_skipped(scripted, http):
-    scripted.queue(reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"))
+    scripted.queue(
+        reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    )
     assert (await http.fetch(scripted.url, method="POST", body=b"{}")).body == b"hi"
 
 
@@ -331,7 +252,10 @@ async def test_max_clients_bounds_connections_and_queues_the_rest(io_loop, scrip
     try:
         for _ in range(5):
             scripted.queue(held)
-        fetches = [asyncio.ensure_future(client.fetch(scripted.url, method="POST", body=b"{}")) for _ in range(5)]
+        fetches = [
+            asyncio.ensure_future(client.fetch(scripted.url, method="POST", body=b"{}"))
+            for _ in range(5)
+        ]
         while len(scripted.requests) < 2:
             await asyncio.sleep(0.01)
         assert len(scripted.requests) == 2
@@ -369,7 +293,9 @@ async def test_a_waiting_request_can_be_aborted_and_times_out(io_loop, scripted)
 @pytest.mark.gen_test
 async def test_a_header_with_a_line_break_is_never_sent(scripted, http):
     with pytest.raises(ValueError, match="line break"):
-        await http.fetch(scripted.url, method="POST", body=b"{}", headers={"x-request-id": "a\r\nb: c"})
+        await http.fetch(
+            scripted.url, method="POST", body=b"{}", headers={"x-request-id": "a\r\nb: c"}
+        )
     assert scripted.requests == []
 
 
@@ -418,8 +344,13 @@ def silent_listener() -> Any:
 @pytest.mark.gen_test
 async def test_connect_timeout_covers_the_tls_handshake(http, silent_listener):
     with pytest.raises(HTTPTransportError) as failure:
-        await http.fetch(silent_listener, method="POST", body=b"{}", connect_timeout=0.2, validate_cert=False)
-    assert (failure.value.kind, failure.value.message) == (HTTPTransportError.TIMEOUT, "Timeout while connecting.")
+        await http.fetch(
+            silent_listener, method="POST", body=b"{}", connect_timeout=0.2, validate_cert=False
+        )
+    assert (failure.value.kind, failure.value.message) == (
+        HTTPTransportError.TIMEOUT,
+        "Timeout while connecting.",
+    )
     assert http.open_connections == 0
 
 
@@ -477,7 +408,10 @@ class ForwardProxy(LoopbackServer):
 async def proxied_client(proxy: ForwardProxy, **proxies: str) -> KeepAliveHTTPClient:
     """A client whose proxy settings may name the proxy as {proxy} (its URL) or {authority} (host:port)."""
     url = await proxy.start()
-    settings = {name: value.format(proxy=url, authority=url[len("http://") :]) for name, value in proxies.items()}
+    settings = {
+        name: value.format(proxy=url, authority=url[len("http://") :])
+        for name, value in proxies.items()
+    }
     return KeepAliveHTTPClient(force_instance=True, proxies=settings)
 
 
@@ -492,7 +426,7 @@ async def test_https_through_a_connect_tunnel_with_proxy_credentials(tls_echo):
             assert response.body == b"tls:" + body
         assert proxy.connections == 1  # the tunnel is kept alive like any connection
         head = proxy.heads[0]
-        assert head.startswith(f"CONNECT {url[len('https://'):-1]} HTTP/1.1\r\n")
+        assert head.startswith(f"CONNECT {url[len('https://') : -1]} HTTP/1.1\r\n")
         assert "Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in head  # user:p@ss
     finally:
         client.close()
@@ -504,7 +438,9 @@ async def test_http_through_a_proxy_sends_the_absolute_url(scripted):
     proxy = ForwardProxy()
     client = await proxied_client(proxy, http="{proxy}")
     try:
-        assert (await client.fetch(scripted.url + "/a?b=1", method="POST", body=b"{}")).body == b"ok"
+        assert (
+            await client.fetch(scripted.url + "/a?b=1", method="POST", body=b"{}")
+        ).body == b"ok"
         assert proxy.heads[0].startswith(f"POST {scripted.url}/a?b=1 HTTP/1.1\r\n")
     finally:
         client.close()
@@ -525,7 +461,9 @@ async def test_no_proxy_goes_direct(scripted):
 
 @pytest.mark.gen_test
 async def test_a_refused_tunnel_is_a_connect_error(io_loop):
-    proxy = ForwardProxy(refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+    proxy = ForwardProxy(
+        refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    )
     client = await proxied_client(proxy, https="{proxy}")
     try:
         with pytest.raises(HTTPTransportError, match="407") as failure:
@@ -550,6 +488,8 @@ async def test_the_gateway_reaches_azure_through_its_configured_proxy(start_gate
         response = await gateway.post("/v1/gpt/chat", {"prompt": "hi"})
         assert response.code == 200
         assert len(proxy.heads) == 1
-        assert proxy.heads[0].startswith(f"POST {gateway.emulator.url.rstrip('/')}/openai/deployments/")
+        assert proxy.heads[0].startswith(
+            f"POST {gateway.emulator.url.rstrip('/')}/openai/deployments/"
+        )
     finally:
         await proxy.stop()

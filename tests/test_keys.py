@@ -10,10 +10,9 @@ import pytest
 import yaml
 from tornado.httputil import HTTPHeaders
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
+from gateway.policy.keys import CallerKey, KeyRing, keys_from_api_keys, keys_from_yaml
 from gateway.secret import Secret
-from gateway.errors import GatewayError
-from gateway.keys import CallerKey, KeyRing, keys_from_api_keys, keys_from_yaml
 
 ALICE_KEY = "sk-alice-0f3c9d2e7b"
 BOB_KEY = "sk-bob-5a8e1c4f92"
@@ -136,7 +135,8 @@ keys:
             "DEPLOYMENTS_FILE keys[1] (bob).admin: must be true or false",
             "DEPLOYMENTS_FILE keys[2].name: is required",
             "DEPLOYMENTS_FILE keys[2].rmp: is not a known field "
-            "(allowed: name, key, rpm, tpm, models, admin)",
+            "(allowed: name, key, rpm, tpm, tokens_per_day, tokens_per_month, usd_per_month, "
+            "models, admin, oidc)",
             "DEPLOYMENTS_FILE keys[3].name: must be a non-empty string",
             "DEPLOYMENTS_FILE keys[3].key: must be a non-empty string (the key, or ${VAR})",
             "DEPLOYMENTS_FILE keys[4]: must be a mapping with at least name and key",

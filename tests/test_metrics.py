@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import (
+from gateway.ops.metrics import (
     MULTIPROC_DIR_VARIABLE,
     Metrics,
     forget_dead_processes,
@@ -19,22 +18,11 @@ from gateway.metrics import (
     prepare_multiprocess_dir,
 )
 
+from .support.metrics import samples, series
+
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE = "/v1/chat/completions"
 ALICE = {"deployment": "gpt-4o", "key": "alice"}
-
-
-def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by name and sorted labels."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
-
-
-def series(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    return name, tuple(sorted(labels.items()))
 
 
 @pytest.fixture
@@ -98,7 +86,9 @@ def test_count_methods_add_to_one_series_per_label_set(single_process):
     assert found[series("gateway_request_duration_seconds_sum", route=ROUTE)] == pytest.approx(2.11)
     assert found[series("gateway_time_to_first_token_seconds_count", route=ROUTE)] == 1
     assert found[series("gateway_upstream_attempts_total", deployment="gpt-4o", outcome="ok")] == 2
-    timeout = series("gateway_upstream_attempts_total", deployment="gpt-4o", outcome="upstream_timeout")
+    timeout = series(
+        "gateway_upstream_attempts_total", deployment="gpt-4o", outcome="upstream_timeout"
+    )
     assert found[timeout] == 1
     assert found[series("gateway_tokens_total", **ALICE, kind="prompt")] == 11
     assert found[series("gateway_tokens_total", **ALICE, kind="completion")] == 22
@@ -130,7 +120,7 @@ def test_each_registry_gets_its_own_series(single_process):
 INSTANCE = """
 import sys
 from prometheus_client import CollectorRegistry
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 
 n = int(sys.argv[1])
 metrics = Metrics(CollectorRegistry())

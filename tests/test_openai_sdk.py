@@ -32,7 +32,9 @@ def azure_client(gateway, **options) -> openai.AsyncAzureOpenAI:
     )
 
 
-CLIENTS = pytest.mark.parametrize("make_client", [openai_client, azure_client], ids=["openai", "azure"])
+CLIENTS = pytest.mark.parametrize(
+    "make_client", [openai_client, azure_client], ids=["openai", "azure"]
+)
 
 
 @CLIENTS
@@ -41,7 +43,10 @@ async def test_non_stream_and_the_upstream_request(gateway, make_client):
     async with make_client(gateway) as client:
         completion = await client.chat.completions.create(
             model=DEPLOYMENT,
-            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello sdk"}],
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hello sdk"},
+            ],
             temperature=0.5,
             seed=7,
             logit_bias={"50256": -100},
@@ -53,7 +58,10 @@ async def test_non_stream_and_the_upstream_request(gateway, make_client):
     assert received.headers["api-key"] == EMULATOR_KEY
     assert CALLER_KEY not in json.dumps(received.headers)
     assert received.json == {
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello sdk"}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello sdk"},
+        ],
         "model": DEPLOYMENT,
         "temperature": 0.5,
         "seed": 7,
@@ -146,7 +154,9 @@ async def test_rate_limit_surfaces_as_rate_limit_error(gateway, make_client):
     gateway.emulator.add_fault(Fault(kind="rate_limit", headers={"retry-after-ms": "2000"}))
     async with make_client(gateway, max_retries=0) as client:
         with pytest.raises(openai.RateLimitError) as caught:
-            await client.chat.completions.create(model=DEPLOYMENT, messages=[{"role": "user", "content": "x"}])
+            await client.chat.completions.create(
+                model=DEPLOYMENT, messages=[{"role": "user", "content": "x"}]
+            )
     assert caught.value.status_code == 429
     assert caught.value.response.headers["retry-after"] == "2"
 
@@ -157,7 +167,9 @@ async def test_content_filter_surfaces_as_bad_request_with_its_code(gateway, mak
     gateway.emulator.add_fault(Fault(kind="content_filter"))
     async with make_client(gateway, max_retries=0) as client:
         with pytest.raises(openai.BadRequestError) as caught:
-            await client.chat.completions.create(model=DEPLOYMENT, messages=[{"role": "user", "content": "x"}])
+            await client.chat.completions.create(
+                model=DEPLOYMENT, messages=[{"role": "user", "content": "x"}]
+            )
     assert caught.value.code == "content_filter"
     assert caught.value.body["innererror"]["code"] == "ResponsibleAIPolicyViolation"
 
@@ -197,7 +209,8 @@ async def test_error_mid_stream_reaches_the_sdk_as_an_api_error(gateway):
 @pytest.mark.gen_test
 async def test_azure_route_needs_api_version_and_answers_in_azure_shape(gateway):
     response = await gateway.post(
-        f"/openai/deployments/{DEPLOYMENT}/chat/completions", {"messages": [{"role": "user", "content": "x"}]}
+        f"/openai/deployments/{DEPLOYMENT}/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}]},
     )
     assert response.code == 404
     assert json.loads(response.body)["error"]["code"] == "404"
@@ -226,7 +239,9 @@ async def test_asynchronous_filter_annotations_reach_the_caller_unchanged(gatewa
     gateway.emulator.async_filter = True
     async with openai_client(gateway) as client:
         stream = await client.chat.completions.create(
-            model=DEPLOYMENT, messages=[{"role": "user", "content": "one two three four"}], stream=True
+            model=DEPLOYMENT,
+            messages=[{"role": "user", "content": "one two three four"}],
+            stream=True,
         )
         chunks = [chunk async for chunk in stream]
     annotations = [c for c in chunks if c.choices and c.choices[0].delta is None]
@@ -234,5 +249,7 @@ async def test_asynchronous_filter_annotations_reach_the_caller_unchanged(gatewa
     first = annotations[0].choices[0].model_extra
     assert first["content_filter_offsets"]["end_offset"] > 0
     assert annotations[0].id == ""
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta)
+    text = "".join(
+        c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta
+    )
     assert text == "You said: one two three four"

@@ -18,23 +18,18 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import API_VERSION, DEPLOYMENT, PYTHON, ROOT, free_port
+from .support.metrics import samples, series
 
 PM2 = ROOT / "node_modules" / ".bin" / "pm2"
 APP = "azure-gpt-api"
 INSTANCES = 2
-
-pytestmark = pytest.mark.skipif(
-    not PM2.exists() and not os.environ.get("CI"),
-    reason="PM2 is not installed: run `npm ci` (in CI this test always runs)",
-)
 
 # A 10-word answer is 13 stream events: with this gap a stream lasts about 1.5 s.
 CHUNK_GAP = 0.12
@@ -90,8 +85,10 @@ def shared_emulator() -> Iterator[tuple[str, str]]:
     """A standalone emulator process: (url, key)."""
     key = secrets.token_urlsafe(16)
     proc = subprocess.Popen(
-        [PYTHON, "-c", EMULATOR, key, DEPLOYMENT], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [PYTHON, "-c", EMULATOR, key, DEPLOYMENT],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         yield read_line(proc, 20.0), key
@@ -114,10 +111,17 @@ class Pm2:
 
     def run(self, *args: str, timeout: float = PM2_TIMEOUT) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [str(PM2), *args], cwd=ROOT, env=self.env, timeout=timeout,
-            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            [str(PM2), *args],
+            cwd=ROOT,
+            env=self.env,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
         )
-        assert result.returncode == 0, f"pm2 {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        assert result.returncode == 0, (
+            f"pm2 {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        )
         return result
 
     def processes(self) -> list[dict]:
@@ -128,12 +132,18 @@ class Pm2:
         deadline = time.monotonic() + timeout
         while True:
             processes = self.processes()
-            online = {p["pm_id"]: p["pid"] for p in processes if p["pm2_env"]["status"] == "online" and p["pid"]}
+            online = {
+                p["pm_id"]: p["pid"]
+                for p in processes
+                if p["pm2_env"]["status"] == "online" and p["pid"]
+            }
             if len(online) == count:
                 return online
             if time.monotonic() > deadline:
                 states = [(p["pm_id"], p["pid"], p["pm2_env"]["status"]) for p in processes]
-                raise AssertionError(f"not {count} instances online within {timeout} s: {states}\n{self.logs()}")
+                raise AssertionError(
+                    f"not {count} instances online within {timeout} s: {states}\n{self.logs()}"
+                )
             time.sleep(0.2)
 
     def logs(self) -> str:
@@ -150,6 +160,8 @@ class Pm2:
 
 @pytest.fixture
 def pm2(tmp_path: Path, shared_emulator: tuple[str, str]) -> Iterator[Pm2]:
+    if not PM2.exists():
+        pytest.fail("PM2 is not installed: `make test` installs it (npm ci)")
     # PM2_HOME holds the daemon's unix sockets: keep its path short.
     home = Path(tempfile.mkdtemp(prefix="pm2-"))
     env_file = tmp_path / "empty.env"
@@ -177,8 +189,12 @@ def pm2(tmp_path: Path, shared_emulator: tuple[str, str]) -> Iterator[Pm2]:
     finally:
         try:
             subprocess.run(
-                [str(PM2), "kill"], cwd=ROOT, env=env, timeout=60,
-                stdin=subprocess.DEVNULL, capture_output=True,
+                [str(PM2), "kill"],
+                cwd=ROOT,
+                env=env,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
             )
         finally:
             # Keep the logs with the test's tmp_path (pytest keeps the last few).
@@ -236,10 +252,14 @@ class Load:
         finally:
             connection.close()
 
-    def one_request(self, connection: http.client.HTTPConnection, body: str, stream: bool, label: str) -> str | None:
+    def one_request(
+        self, connection: http.client.HTTPConnection, body: str, stream: bool, label: str
+    ) -> str | None:
         """None if the request succeeded, else what went wrong."""
         try:
-            connection.request("POST", "/v1/gpt/chat", body=body, headers={"Content-Type": "application/json"})
+            connection.request(
+                "POST", "/v1/gpt/chat", body=body, headers={"Content-Type": "application/json"}
+            )
             response = connection.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException) as error:
@@ -254,7 +274,10 @@ class Load:
                 return f"{label}: stream did not carry the whole answer: {data!r}"
         else:
             answer = json.loads(data)
-            if answer.get("success") != 1 or answer["choices"][0]["message"]["content"] != "You said: ping":
+            if (
+                answer.get("success") != 1
+                or answer["choices"][0]["message"]["content"] != "You said: ping"
+            ):
                 return f"{label}: not the answer expected: {data[:300]!r}"
         return None
 
@@ -288,7 +311,9 @@ def streamed_text(data: bytes) -> str | None:
             event = json.loads(line.removeprefix("data: "))
             if "error" in event:
                 return None
-            text += [choice.get("delta", {}).get("content") or "" for choice in event.get("choices", [])]
+            text += [
+                choice.get("delta", {}).get("content") or "" for choice in event.get("choices", [])
+            ]
     return "".join(text)
 
 
@@ -300,20 +325,19 @@ def served_requests(port: str) -> float:
         text = connection.getresponse().read().decode()
     finally:
         connection.close()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "gateway_requests_total"
-        and sample.labels == {"route": "gpt_chat", "status": "200"}
-    )
+    return samples(text).get(series("gateway_requests_total", route="gpt_chat", status="200"), 0.0)
 
 
 def post_json(url: str, obj: dict) -> None:
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        connection.request("POST", "/_emulator/faults", body=json.dumps(obj), headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            "/_emulator/faults",
+            body=json.dumps(obj),
+            headers={"Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         assert response.status < 300, response.read()
     finally:
@@ -329,11 +353,15 @@ def test_pm2_start_waits_for_ready_and_reload_under_load_drops_nothing(
     before = pm2.wait_online(INSTANCES)
     processes = pm2.processes()
     assert {p["pm2_env"]["exec_mode"] for p in processes} == {"fork_mode"}
-    assert {p["pm2_env"]["exec_interpreter"] for p in processes} == {str(ROOT / ".venv" / "bin" / "python")}
+    assert {p["pm2_env"]["exec_interpreter"] for p in processes} == {
+        str(ROOT / ".venv" / "bin" / "python")
+    }
     # PM2 waits for each instance's "ready" (wait_ready) for up to listen_timeout,
     # one instance after the other: a start this quick means "ready" arrived.
     listen_timeout = min(p["pm2_env"]["listen_timeout"] for p in processes) / 1000
-    assert start_seconds < listen_timeout, f"pm2 start took {start_seconds:.1f} s: no ready message?\n{pm2.logs()}"
+    assert start_seconds < listen_timeout, (
+        f"pm2 start took {start_seconds:.1f} s: no ready message?\n{pm2.logs()}"
+    )
 
     # Every chat answer (the emulator takes one fault per request) streams slowly.
     emulator_url, _ = shared_emulator
@@ -354,10 +382,14 @@ def test_pm2_start_waits_for_ready_and_reload_under_load_drops_nothing(
     assert not load.failures, (
         f"{len(load.failures)} request(s) failed during `pm2 reload` "
         f"(reload from {reload_started - load.started:.3f}s to {reload_ended - load.started:.3f}s):\n"
-        + "\n".join(load.failures[:30]) + "\n" + pm2.logs()
+        + "\n".join(load.failures[:30])
+        + "\n"
+        + pm2.logs()
     )
     assert sorted(after) == sorted(before)
-    assert not set(after.values()) & set(before.values()), f"PIDs did not change: {before} -> {after}"
+    assert not set(after.values()) & set(before.values()), (
+        f"PIDs did not change: {before} -> {after}"
+    )
     # Restarted once each, by the reload (a crash would have restarted them again).
     assert [p["pm2_env"]["restart_time"] for p in pm2.processes()] == [1] * INSTANCES
     # The load really overlapped the reload.

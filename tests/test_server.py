@@ -33,7 +33,8 @@ def test_emulator_mode_says_so_and_answers_even_with_a_proxy_set(tmp_path, spawn
     server.wait_for(r"listening on http://")
     assert "EMULATOR MODE: answers are synthetic" in server.output
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/gpt/chat", data=json.dumps({"prompt": "ping"}).encode(),
+        f"http://127.0.0.1:{port}/v1/gpt/chat",
+        data=json.dumps({"prompt": "ping"}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -48,14 +49,17 @@ def test_sigterm_lets_an_inflight_stream_finish_then_exits_0(tmp_path, spawn):
     match = server.wait_for(r"emulator at (http://127\.0\.0\.1:\d+)")
     server.wait_for(r"listening on http://")
     fault = urllib.request.Request(
-        match.group(1) + "/_emulator/faults", data=json.dumps({"chunk_gap": 0.1}).encode(),
+        match.group(1) + "/_emulator/faults",
+        data=json.dumps({"chunk_gap": 0.1}).encode(),
         headers={"Content-Type": "application/json"},
     )
     urllib.request.urlopen(fault, timeout=10).close()
 
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
     connection.request(
-        "POST", "/v1/gpt/chat", body=json.dumps({"prompt": "one two three four five six", "stream": True}),
+        "POST",
+        "/v1/gpt/chat",
+        body=json.dumps({"prompt": "one two three four five six", "stream": True}),
         headers={"Content-Type": "application/json"},
     )
     response = connection.getresponse()
@@ -82,8 +86,11 @@ async def test_https_serves_with_the_given_certificate_and_hsts(start_gateway, c
     assert json.loads(status.body)["message"] == "GPT API: OK"
     assert status.headers["Strict-Transport-Security"].startswith("max-age=")
     chat = await gateway.client.fetch(
-        url + "/v1/gpt/chat", method="POST", body=json.dumps({"prompt": "secure"}),
-        headers={"Content-Type": "application/json"}, ca_certs=cert,
+        url + "/v1/gpt/chat",
+        method="POST",
+        body=json.dumps({"prompt": "secure"}),
+        headers={"Content-Type": "application/json"},
+        ca_certs=cert,
     )
     assert json.loads(chat.body)["choices"][0]["message"]["content"] == "You said: secure"
 

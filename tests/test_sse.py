@@ -2,7 +2,7 @@
 
 import json
 
-from gateway.sse import EventFramer, encode_event, event_data, is_done, usage_in
+from gateway.upstream.sse import EventFramer, encode_event, event_data, is_done, usage_in
 
 STREAM = (
     b'data: {"choices":[],"prompt_filter_results":[]}\n\n'

@@ -43,15 +43,30 @@ def test_full_original_body_is_valid(validator):
     [
         ({}, "", "required", "one of the fields 'prompt', 'userPrompt'"),
         ({"prompt": ""}, "prompt", "minLength", "prompt must not be empty"),
-        ({"prompt": "x", "temperature": 3}, "temperature", "maximum", "temperature must be <= 2 (got 3)"),
-        ({"prompt": "x", "temperature": "hot"}, "temperature", "type", "must be of type number or null"),
+        (
+            {"prompt": "x", "temperature": 3},
+            "temperature",
+            "maximum",
+            "temperature must be <= 2 (got 3)",
+        ),
+        (
+            {"prompt": "x", "temperature": "hot"},
+            "temperature",
+            "type",
+            "must be of type number or null",
+        ),
         ({"prompt": "x", "top_p": 1.5}, "top_p", "maximum", "top_p must be <= 1"),
         ({"prompt": "x", "n": 0}, "n", "minimum", "n must be >= 1"),
         ({"prompt": "x", "n": 1.5}, "n", "type", "n must be of type integer"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens", "minimum", "max_tokens must be >= 1"),
         ({"prompt": "x", "presence_penalty": -3}, "presence_penalty", "minimum", "must be >= -2"),
         ({"prompt": "x", "stream": "yes"}, "stream", "type", "stream must be of type boolean"),
-        ({"prompt": "x", "temprature": 1}, "temprature", "additionalProperties", "unknown field 'temprature'"),
+        (
+            {"prompt": "x", "temprature": 1},
+            "temprature",
+            "additionalProperties",
+            "unknown field 'temprature'",
+        ),
     ],
 )
 def test_violations_name_field_and_rule(validator, body, param, rule, words):
@@ -74,7 +89,10 @@ def test_current_chat_fields_are_known(validator):
     validator.validate(
         {
             "model": None,
-            "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ],
             "reasoning_effort": "high",
             "store": True,
             "metadata": {"k": "v"},

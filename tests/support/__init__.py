@@ -1,0 +1,1 @@
+"""Helpers the test modules share: SSE, metrics, bodies, deployments files, loopback servers."""
