@@ -116,7 +116,8 @@ def test_usage_costs_fill_in_once_given():
     report = {
         "keys": {"alice": {"we": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1}}}
     }
-    document = usage_document(report, scope="shared", costs={("alice", "we"): 0.25})
+    report["keys"]["alice"]["we"]["cost_usd"] = 0.25
+    document = usage_document(report, scope="shared")
     assert document["rows"][0]["cost"] == 0.25
     assert document["totals"]["cost"] == 0.25
 

@@ -26,9 +26,9 @@ OpenAI shape `{"error": {"code", "message", "type", "param"}}`: 401
 `azure_remaining_*` are the `x-ratelimit-remaining-*` headers of Azure's last
 answer from that deployment (null before any, or when Azure sent -1).
 `recent` counts upstream attempts and the failures that cool a deployment down
-(`RecentAttempts`). The pool (gateway/policy/failover.py) knows no priority,
-requests in flight or Azure's remaining counts: `pool_states` leaves them null
-until a capacity board provides them.
+(`RecentAttempts`). `priority`, `in_flight` and the remaining counts come from
+the pool's capacity board (gateway/policy/capacity.py); a reading older than its
+`stale_after` shows as null.
 
 `GET /v1/admin/usage` (`usage_document`)::
 
@@ -44,8 +44,8 @@ until a capacity board provides them.
                  "resets_in_seconds": 41}]}
 
 `scope` is "process" when usage is counted in memory (each process reports
-its own) and "shared" when counted in Redis. `cost` stays null until budgets
-exist. A quota's `rpm`/`tpm`/`remaining_*` are null where the key has no
+its own) and "shared" when counted in Redis. `cost` is in US dollars at the
+deployments' `price` (0 without one). A quota's `rpm`/`tpm`/`remaining_*` are null where the key has no
 such limit.
 
 `GET /v1/admin/requests?limit=N` (`requests_document`, N from 1 to the
@@ -78,6 +78,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from gateway.ops.accesslog import FIELDS, timestamp
+from gateway.policy.capacity import REMAINING_REQUESTS, REMAINING_TOKENS
 from gateway.policy.failover import DeploymentPool
 
 DEFAULT_RECENT_CAPACITY = 200
@@ -117,7 +118,11 @@ def pool_states(pool: DeploymentPool, attempts: RecentAttempts) -> list[Deployme
                 endpoint=deployment.endpoint,
                 models=deployment.models,
                 weight=deployment.weight,
+                priority=deployment.priority,
                 cooling_for=pool.cooling_for(deployment),
+                in_flight=pool.board.in_flight_count(deployment.name),
+                azure_remaining_requests=pool.board.remaining(deployment.name, REMAINING_REQUESTS),
+                azure_remaining_tokens=pool.board.remaining(deployment.name, REMAINING_TOKENS),
                 recent_requests=made,
                 recent_errors=failed,
             )
@@ -187,12 +192,11 @@ def usage_document(
     *,
     scope: Literal["process", "shared"],
     quotas: Iterable[KeyQuota] = (),
-    costs: Mapping[tuple[str, str], float] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """`GET /v1/admin/usage` from a QuotaStore's `usage_report()` and the keys' quotas.
 
-    `costs`, keyed by (key, deployment), fills `cost` once budgets exist.
+    `cost` is the report's `cost_usd` (US dollars at the deployments' prices).
     """
     rows = []
     for key, deployments in report.get("keys", {}).items():
@@ -207,16 +211,15 @@ def usage_document(
                     "prompt_tokens": prompt,
                     "completion_tokens": completion,
                     "total_tokens": prompt + completion,
-                    "cost": costs.get((key, deployment)) if costs is not None else None,
+                    "cost": float(counters["cost_usd"]) if "cost_usd" in counters else None,
                 }
             )
     totals: dict[str, Any] = {
         name: sum(row[name] for row in rows)
         for name in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
     }
-    totals["cost"] = (
-        sum(row["cost"] for row in rows if row["cost"] is not None) if costs is not None else None
-    )
+    costs = [row["cost"] for row in rows if row["cost"] is not None]
+    totals["cost"] = sum(costs) if costs else None
     return {
         "time": timestamp(time.time() if now is None else now),
         "scope": scope,
