@@ -84,8 +84,9 @@ class Decision:
     """An admission: the headers for the answer, and the charge or the refusal.
 
     `refusal` is the 429 to raise when refused, and `limit` the limit that
-    refused it ("requests" or "tokens"); `charge` is None for a key without a
-    `tpm` (nothing to correct) and for a refusal.
+    refused it ("requests", "tokens", or "budget" when gateway/policy/quota.py
+    refused it for a budget); `charge` is None for a key without a `tpm`
+    (nothing to correct) and for a refusal.
     """
 
     headers: dict[str, str] = field(default_factory=dict)

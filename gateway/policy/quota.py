@@ -34,7 +34,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -47,7 +46,13 @@ from gateway.errors import GatewayError
 from gateway.policy.budgets import BudgetStore, MemoryBudgets, RedisBudgets, TokenUsage
 from gateway.policy.estimate import Estimate
 from gateway.policy.keys import CallerKey
-from gateway.policy.limits import Charge, MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from gateway.policy.limits import (
+    Charge,
+    Decision,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+)
 
 log = logging.getLogger("azure-gpt-api.quota")
 
@@ -71,25 +76,6 @@ _USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens")
 COST_FIELD = "cost_usd"
 
 
-@dataclass(frozen=True)
-class Admission:
-    """A request let through or refused, with the rate-limit headers to answer with.
-
-    `refusal` is the 429 to raise, and `limit` what refused it ("requests",
-    "tokens" or "budget"); `charge` is what the window charged, for
-    `record_usage` to correct.
-    """
-
-    headers: dict[str, str] = field(default_factory=dict)
-    charge: Charge | None = None
-    refusal: GatewayError | None = None
-    limit: str | None = None
-
-    @property
-    def allowed(self) -> bool:
-        return self.refusal is None
-
-
 class WindowUsage(NamedTuple):
     """What a key used in the sliding window now, and when its oldest charge leaves it."""
 
@@ -99,7 +85,7 @@ class WindowUsage(NamedTuple):
 
 
 class QuotaStore(Protocol):
-    async def admit(self, key: CallerKey, estimate: Estimate) -> Admission: ...
+    async def admit(self, key: CallerKey, estimate: Estimate) -> Decision: ...
 
     async def record_usage(
         self,
@@ -124,14 +110,13 @@ def has_limits(key: CallerKey) -> bool:
 
 async def admit_with(
     limiter: RateLimiter, budgets: BudgetStore, key: CallerKey, estimate: Estimate
-) -> Admission:
+) -> Decision:
     """Budgets, then the window (which charges only a request it admits)."""
     if key.budget.limited:
         over = await budgets.check(key.budget)
         if over is not None:
-            return Admission(refusal=over, limit="budget")
-    decision = await limiter.admit(key.limits, estimate)
-    return Admission(decision.headers, decision.charge, decision.refusal, decision.limit)
+            return Decision(refusal=over, limit="budget")
+    return await limiter.admit(key.limits, estimate)
 
 
 def _sorted_report(usage: dict[str, dict[str, dict[str, float]]]) -> dict:
@@ -155,10 +140,10 @@ class MemoryQuota:
         self.budgets = MemoryBudgets(clock=clock)
         self._usage: dict[str, dict[str, dict[str, float]]] = {}
 
-    async def admit(self, key: CallerKey, estimate: Estimate) -> Admission:
+    async def admit(self, key: CallerKey, estimate: Estimate) -> Decision:
         """Admit and charge a request of `key`, or refuse it without charging it."""
         if not has_limits(key):
-            return Admission()
+            return Decision()
         return await admit_with(self.limiter, self.budgets, key, estimate)
 
     async def record_usage(
@@ -277,16 +262,16 @@ class RedisQuota:
             ERROR_LOG_INTERVAL,
         )
 
-    async def admit(self, key: CallerKey, estimate: Estimate) -> Admission:
+    async def admit(self, key: CallerKey, estimate: Estimate) -> Decision:
         """Admit and charge a request of `key` atomically across processes, or refuse it."""
         if not has_limits(key):
-            return Admission()
+            return Decision()
         try:
             return await admit_with(self.limiter, self.budgets, key, estimate)
         except _REDIS_FAILURES as error:
             self._redis_failed(error)
             if self.on_error == "open":
-                return Admission()
+                return Decision()
             raise GatewayError(
                 503,
                 "quota_unavailable",
