@@ -8,18 +8,21 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 # python3-venv (the venv itself), chromium (the console tests drive it through
 # Playwright, which never downloads a browser of its own).
 DEBIAN_PACKAGES := redis-server openssl nodejs npm python3-venv chromium
+# The command that succeeds when each of them is present.
+present_redis-server := command -v redis-server
+present_openssl := command -v openssl
+present_nodejs := command -v node
+present_npm := command -v npm
+present_python3-venv := python3 -c 'import venv, ensurepip'
+present_chromium := command -v chromium
 
 .PHONY: install start test lint system-packages
 
 # Installs what is missing when run as root; otherwise one line says what to run.
 system-packages:
 	@missing=""; \
-	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
-	command -v openssl >/dev/null || missing="$$missing openssl"; \
-	command -v node >/dev/null || missing="$$missing nodejs"; \
-	command -v npm >/dev/null || missing="$$missing npm"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	$(foreach package,$(DEBIAN_PACKAGES),\
+		$(present_$(package)) >/dev/null 2>&1 || missing="$$missing $(package)";) \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
 		echo "make test needs the Debian packages$$missing: run sudo apt-get install -y$$missing"; \

@@ -253,6 +253,18 @@ class ApiHandler(EmulatorHandler):
             )
         return self.use_deployment(model)
 
+    def deployment_body(self, deployment: str | None) -> Any:
+        """The JSON body of a route whose deployment is in the path or, on v1, in `model`.
+
+        A deployment the path names is checked before the body is read.
+        """
+        if deployment is None:
+            body = self.parse_body()
+            self.body_deployment(body)
+            return body
+        self.use_deployment(deployment)
+        return self.parse_body()
+
     async def begin(self, *, wait: bool = True) -> Fault | None:
         """Take the next fault and carry out its delay (if `wait`), hang and status.
 
@@ -333,12 +345,7 @@ class ChatCompletionsHandler(ApiHandler):
 
     async def post(self, deployment: str | None = None) -> None:
         self.check_access()
-        if deployment is None:
-            body = self.parse_body()
-            self.body_deployment(body)
-        else:
-            self.use_deployment(deployment)
-            body = self.parse_body()
+        body = self.deployment_body(deployment)
         request = check_chat_request(body)
         fault = await self.begin()
         if fault is None:
@@ -362,12 +369,7 @@ class EmbeddingsHandler(ApiHandler):
 
     async def post(self, deployment: str | None = None) -> None:
         self.check_access()
-        if deployment is None:
-            body = self.parse_body()
-            self.body_deployment(body)
-        else:
-            self.use_deployment(deployment)
-            body = self.parse_body()
+        body = self.deployment_body(deployment)
         emulator = self.emulator
         inputs = check_embeddings_request(body, emulator.embedding_dimensions)
         fault = await self.begin()

@@ -187,6 +187,12 @@ def _whole_number(raw: str | None, name: str, default: int, problems: list[str])
     return int(raw)
 
 
+def _whole_number_variable(
+    environ: Mapping[str, str], name: str, default: int, problems: list[str]
+) -> int:
+    return _whole_number(environ.get(name, "").strip(), name, default, problems)
+
+
 def _key_value_list(raw: str, name: str, problems: list[str]) -> list[tuple[str, str]]:
     """`k1=v1,k2=v2` with percent-encoded values, as the OTLP variables write them."""
     pairs = []
@@ -258,14 +264,11 @@ def load_tracing_settings(environ: Mapping[str, str]) -> TracingSettings:
                 f"OTEL_TRACES_SAMPLER_ARG: must be a number from 0 to 1, not {raw_ratio!r}"
             )
 
-    queue_size = _whole_number(
-        environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "").strip(),
-        "OTEL_BSP_MAX_QUEUE_SIZE",
-        DEFAULT_MAX_QUEUE_SIZE,
-        problems,
+    queue_size = _whole_number_variable(
+        environ, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE, problems
     )
-    batch_size = _whole_number(
-        environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "").strip(),
+    batch_size = _whole_number_variable(
+        environ,
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
         min(DEFAULT_MAX_EXPORT_BATCH_SIZE, queue_size),
         problems,
@@ -275,11 +278,8 @@ def load_tracing_settings(environ: Mapping[str, str]) -> TracingSettings:
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: must be at most "
             f"OTEL_BSP_MAX_QUEUE_SIZE ({queue_size})"
         )
-    delay_ms = _whole_number(
-        environ.get("OTEL_BSP_SCHEDULE_DELAY", "").strip(),
-        "OTEL_BSP_SCHEDULE_DELAY",
-        DEFAULT_SCHEDULE_DELAY_MS,
-        problems,
+    delay_ms = _whole_number_variable(
+        environ, "OTEL_BSP_SCHEDULE_DELAY", DEFAULT_SCHEDULE_DELAY_MS, problems
     )
     resource = _key_value_list(
         environ.get("OTEL_RESOURCE_ATTRIBUTES", ""), "OTEL_RESOURCE_ATTRIBUTES", problems

@@ -124,6 +124,17 @@ def tokens_to_charge(limits: KeyLimits, estimate: Estimate) -> int | GatewayErro
     )
 
 
+def _cost_or_decision(limits: KeyLimits, estimate: Estimate) -> int | Decision:
+    """The tokens to charge, or the Decision that needs no window: both limiters
+    pass a key without limits and refuse a request that can never fit alike."""
+    if not limits.limited:
+        return Decision()
+    cost = tokens_to_charge(limits, estimate)
+    if isinstance(cost, GatewayError):
+        return Decision(refusal=cost, limit="tokens")
+    return cost
+
+
 def _headers(limits: KeyLimits, requests: int, tokens: int) -> dict[str, str]:
     headers: dict[str, str] = {}
     if limits.rpm is not None:
@@ -202,11 +213,9 @@ class MemoryRateLimiter:
 
     async def admit(self, limits: KeyLimits, estimate: Estimate) -> Decision:
         """Admit and charge a request of `limits.name`, or refuse it without charging it."""
-        if not limits.limited:
-            return Decision()
-        cost = tokens_to_charge(limits, estimate)
-        if isinstance(cost, GatewayError):
-            return Decision(refusal=cost, limit="tokens")
+        cost = _cost_or_decision(limits, estimate)
+        if isinstance(cost, Decision):
+            return cost
         now = self._clock()
         bucket = math.floor(now)
         requests = self._window(limits.name, "requests", bucket)
@@ -340,11 +349,9 @@ class RedisRateLimiter:
 
     async def admit(self, limits: KeyLimits, estimate: Estimate) -> Decision:
         """Admit and charge a request atomically across processes, or refuse it."""
-        if not limits.limited:
-            return Decision()
-        cost = tokens_to_charge(limits, estimate)
-        if isinstance(cost, GatewayError):
-            return Decision(refusal=cost, limit="tokens")
+        cost = _cost_or_decision(limits, estimate)
+        if isinstance(cost, Decision):
+            return cost
         now = self._clock()
         bucket = math.floor(now)
         reply = await self._admit_script(

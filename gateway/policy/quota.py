@@ -119,6 +119,21 @@ async def admit_with(
     return await limiter.admit(key.limits, estimate)
 
 
+async def settle_with(
+    limiter: RateLimiter,
+    budgets: BudgetStore,
+    key: CallerKey | None,
+    tokens: int,
+    cost_usd: float,
+    charge: Charge | None,
+) -> None:
+    """The window's charge moves to the real figure; a budgeted key's spend grows."""
+    if charge is not None:
+        await limiter.correct(charge, tokens)
+    if key is not None and key.budget.limited:
+        await budgets.record(key.name, tokens, cost_usd)
+
+
 def _sorted_report(usage: dict[str, dict[str, dict[str, float]]]) -> dict:
     return {
         "keys": {
@@ -156,10 +171,7 @@ class MemoryQuota:
         charge: Charge | None = None,
     ) -> None:
         """Settle one answered request: correct its charge, add it to budgets and the report."""
-        if charge is not None:
-            await self.limiter.correct(charge, usage.total)
-        if key is not None and key.budget.limited:
-            await self.budgets.record(key.name, usage.total, cost_usd)
+        await settle_with(self.limiter, self.budgets, key, usage.total, cost_usd, charge)
         counters = self._usage.setdefault(key_name, {}).setdefault(deployment, _new_counters())
         counters["requests"] += 1
         counters["prompt_tokens"] += usage.input_tokens
@@ -295,10 +307,7 @@ class RedisQuota:
         member = json.dumps([key_name, deployment])
         usage_key = self._usage_key(member)
         try:
-            if charge is not None:
-                await self.limiter.correct(charge, usage.total)
-            if key is not None and key.budget.limited:
-                await self.budgets.record(key.name, usage.total, cost_usd)
+            await settle_with(self.limiter, self.budgets, key, usage.total, cost_usd, charge)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hincrby(usage_key, "requests", 1)
                 pipe.hincrby(usage_key, "prompt_tokens", usage.input_tokens)
