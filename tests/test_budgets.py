@@ -23,17 +23,11 @@ from gateway.policy.budgets import (
 from gateway.policy.deployments import schema_problems
 from gateway.policy.keys import keys_from_yaml
 
+from .support.clock import Clock
+
 
 def at(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

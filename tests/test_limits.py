@@ -16,16 +16,10 @@ from gateway.policy.limits import (
     RedisRateLimiter,
 )
 
+from .support.clock import Clock
+
 # The start of some minute, far from the present so no real clock matters.
 T0 = 29_000_000 * 60.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def tokens(prompt: int, completion: int = 0, *, explicit: bool = True) -> Estimate:
