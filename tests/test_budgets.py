@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from gateway.errors import ConfigError
 from gateway.policy.budgets import (
@@ -33,19 +32,6 @@ def at(text: str) -> float:
 @pytest.fixture
 def clock() -> Clock:
     return Clock(at("2031-01-31T22:00:00"))
-
-
-@pytest.fixture
-def redis_client(io_loop: Any, redis_server: Any):
-    clients: list[aioredis.Redis] = []
-
-    def connect(**options: Any) -> aioredis.Redis:
-        clients.append(aioredis.Redis.from_url(redis_server.url, **options))
-        return clients[-1]
-
-    yield connect
-    for client in clients:
-        io_loop.run_sync(client.aclose)
 
 
 @pytest.fixture(params=["memory", "redis"])
