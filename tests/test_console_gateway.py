@@ -24,6 +24,7 @@ from .conftest import API_VERSION, EMULATOR_KEY, RunningGateway
 # pytest finds fixtures by name in the test module.
 from .support.browser import (  # noqa: F401
     ARTIFACTS,
+    BROWSER_TEST,
     BrowserPage,
     browser_fixture,
     browser_page_fixture,
@@ -34,7 +35,6 @@ from .support.deployments import write_deployments_file
 ALICE_KEY = "sk-alice-console-41c7"
 OPS_KEY = "sk-ops-console-9d2a"
 PROMPT = "Write two sentences about a quiet harbour at dawn"
-BROWSER_TEST = pytest.mark.gen_test(timeout=60)
 
 
 @pytest.fixture

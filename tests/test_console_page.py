@@ -36,6 +36,7 @@ from handlers.webconsole import console_routes
 
 # pytest finds fixtures by name in the test module.
 from .support.browser import (  # noqa: F401
+    BROWSER_TEST,
     PHONE,
     BrowserPage,
     BrowserSession,
@@ -47,7 +48,6 @@ from .support.console_answer import WATCH_ANSWER, answer_steps
 ADMIN_KEY = "admin-console-key-5d1e"
 CALLER_KEY = "caller-console-key-8b2f"
 PROMPT_IN_RECORD = "a prompt that must never reach the page"
-BROWSER_TEST = pytest.mark.gen_test(timeout=60)
 ADMIN_REFUSAL = "The admin routes need an admin key in the Authorization header."
 
 
