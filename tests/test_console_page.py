@@ -316,7 +316,7 @@ async def test_the_playground_streams_a_chat_answer_as_it_arrives(browser_page, 
     await expect(answer).to_have_text("Hello, world!")
     await expect(page.locator("#fact-tokens")).to_have_text("9 / 3")
     await expect(page.locator("#fact-model")).to_have_text("gpt-4o-2024-08-06")
-    steps = await answer_steps(browser_page.page)
+    steps = await answer_steps(page)
     assert (steps[0], steps[-1]) == ("Hello", "Hello, world!")
 
     raw = page.locator("#raw-events")
@@ -354,7 +354,7 @@ async def test_the_playground_streams_a_responses_answer(browser_page, console):
     await expect(answer).to_have_text("Bonjour le monde")
     await expect(page.locator("#fact-tokens")).to_have_text("8 / 4")
     await expect(page.locator("#fact-model")).to_have_text("gpt-4o-2024-08-06")
-    steps = await answer_steps(browser_page.page)
+    steps = await answer_steps(page)
     assert (steps[0], steps[-1]) == ("Bonjour", "Bonjour le monde")
     (body,) = console.chat_bodies
     assert body == {"model": "gpt-4o", "input": "Dis bonjour", "stream": True}
