@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from emulator import AzureEmulator
@@ -214,6 +215,20 @@ def start_redis(tmp_path: Path):
 @pytest.fixture
 def redis_server(start_redis: Callable[..., RedisServer]) -> RedisServer:
     return start_redis()
+
+
+@pytest.fixture
+def redis_client(io_loop: Any, redis_server: RedisServer):
+    """Clients of one redis-server, made with redis-py's options and closed after the test."""
+    clients: list[aioredis.Redis] = []
+
+    def connect(**options: Any) -> aioredis.Redis:
+        clients.append(aioredis.Redis.from_url(redis_server.url, **options))
+        return clients[-1]
+
+    yield connect
+    for client in clients:
+        io_loop.run_sync(client.aclose)
 
 
 # --- server.py as a child process -------------------------------------------

@@ -32,6 +32,7 @@ from .conftest import (
     server_env,
 )
 from .support.bodies import chat
+from .support.clock import Clock
 from .support.deployments import write_deployments_file as write_file
 from .support.metrics import sample, samples
 from .support.sse import parse_events
@@ -121,20 +122,10 @@ def assert_openai_error(response: HTTPResponse, status: int, code: str) -> dict[
     return body
 
 
-class QuotaClock:
-    """The wall clock the gateway's quota store reads, set by the test."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def quota_clock() -> QuotaClock:
+def quota_clock() -> Clock:
     """Pins the quota windows' clock of the gateways `start_keyed_gateway` starts."""
-    return QuotaClock(T0 + 10)
+    return Clock(T0 + 10)
 
 
 @pytest.fixture

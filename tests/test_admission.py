@@ -14,6 +14,7 @@ import pytest
 
 from .conftest import API_VERSION, DEPLOYMENT, RunningGateway
 from .support.bodies import chat
+from .support.clock import Clock
 from .support.deployments import write_deployments_file
 from .support.metrics import sample, samples
 
@@ -24,14 +25,6 @@ MONTH_END = datetime(2101, 3, 31, 23, 59, 50, tzinfo=UTC).timestamp()
 NEXT_MONTH = datetime(2101, 4, 1, tzinfo=UTC).timestamp()
 # A minute's start, 40 s before which the rpm tests begin.
 T0 = 69_000_000 * 60.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def auth(key: str) -> dict[str, str]:

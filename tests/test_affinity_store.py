@@ -7,14 +7,7 @@ import pytest
 from gateway.policy.affinity import MemoryAffinity, RedisAffinity
 
 from .conftest import free_port
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .support.clock import Clock
 
 
 @pytest.mark.gen_test

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from gateway.errors import ConfigError
 from gateway.policy.budgets import (
@@ -23,35 +22,16 @@ from gateway.policy.budgets import (
 from gateway.policy.deployments import schema_problems
 from gateway.policy.keys import keys_from_yaml
 
+from .support.clock import Clock
+
 
 def at(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock(at("2031-01-31T22:00:00"))
-
-
-@pytest.fixture
-def redis_client(io_loop: Any, redis_server: Any):
-    clients: list[aioredis.Redis] = []
-
-    def connect(**options: Any) -> aioredis.Redis:
-        clients.append(aioredis.Redis.from_url(redis_server.url, **options))
-        return clients[-1]
-
-    yield connect
-    for client in clients:
-        io_loop.run_sync(client.aclose)
 
 
 @pytest.fixture(params=["memory", "redis"])

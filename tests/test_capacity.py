@@ -18,20 +18,14 @@ from gateway.policy.capacity import (
 )
 from gateway.policy.failover import DeploymentPool
 
+from .support.clock import Clock
+
 
 @dataclass(frozen=True)
 class Target:
     name: str
     weight: float = 1.0
     priority: int = 1
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 PTU = Target("ptu", priority=1)

@@ -23,6 +23,8 @@ from referencing import Registry, Resource
 
 from gateway.validation import BodyValidator, load_registry
 
+from .support.schemas import subschemas
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "schema" / "chat_completions.schema.json"
 # The official spec and its examples, kept in the repository (tests/spec/.../SOURCE.md).
@@ -73,18 +75,8 @@ def test_is_a_valid_draft_2020_12_schema():
     assert SCHEMA["required"] == ["messages"]
 
 
-def _subschemas(node: Any):
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _subschemas(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _subschemas(item)
-
-
 def test_no_object_refuses_unknown_fields():
-    assert all(sub.get("additionalProperties") is not False for sub in _subschemas(SCHEMA))
+    assert all(sub.get("additionalProperties") is not False for sub in subschemas(SCHEMA))
 
 
 def test_every_field_is_a_ref_to_a_def_of_the_same_name():

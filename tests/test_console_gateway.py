@@ -24,23 +24,17 @@ from .conftest import API_VERSION, EMULATOR_KEY, RunningGateway
 # pytest finds fixtures by name in the test module.
 from .support.browser import (  # noqa: F401
     ARTIFACTS,
+    BROWSER_TEST,
     BrowserPage,
     browser_fixture,
     browser_page_fixture,
 )
+from .support.console_answer import WATCH_ANSWER, answer_steps
 from .support.deployments import write_deployments_file
 
 ALICE_KEY = "sk-alice-console-41c7"
 OPS_KEY = "sk-ops-console-9d2a"
 PROMPT = "Write two sentences about a quiet harbour at dawn"
-BROWSER_TEST = pytest.mark.gen_test(timeout=60)
-
-WATCH_ANSWER = """() => {
-    window.answerSteps = [];
-    const answer = document.getElementById("answer");
-    new MutationObserver(() => window.answerSteps.push(answer.textContent))
-        .observe(answer, {childList: true, characterData: true, subtree: true});
-}"""
 
 
 @pytest.fixture
@@ -104,7 +98,7 @@ async def test_a_prompt_streams_in_and_the_admin_views_show_it(
     await expect(page.locator("#fact-model")).to_have_text(emulator.model)
     await expect(page.locator("#fact-ttft")).to_have_text(re.compile(r"^\d+ ms$"))
     answer = await page.locator("#answer").text_content()
-    steps = [step for step in await page.evaluate("window.answerSteps") if step]
+    steps = await answer_steps(page)
     assert answer and steps[-1] == answer
     assert len(set(steps)) > 2, f"the answer came in {len(set(steps))} step(s)"
     assert all(answer.startswith(step) for step in steps)  # it grew, never rewritten

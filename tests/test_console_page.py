@@ -36,17 +36,18 @@ from handlers.webconsole import console_routes
 
 # pytest finds fixtures by name in the test module.
 from .support.browser import (  # noqa: F401
+    BROWSER_TEST,
     PHONE,
     BrowserPage,
     BrowserSession,
     browser_fixture,
     browser_page_fixture,
 )
+from .support.console_answer import WATCH_ANSWER, answer_steps
 
 ADMIN_KEY = "admin-console-key-5d1e"
 CALLER_KEY = "caller-console-key-8b2f"
 PROMPT_IN_RECORD = "a prompt that must never reach the page"
-BROWSER_TEST = pytest.mark.gen_test(timeout=60)
 ADMIN_REFUSAL = "The admin routes need an admin key in the Authorization header."
 
 
@@ -289,20 +290,6 @@ def console(io_loop: Any) -> Iterator[ConsoleStub]:
     io_loop.run_sync(server.close_all_connections)
 
 
-WATCH_ANSWER = """() => {
-    window.answerSteps = [];
-    const answer = document.getElementById("answer");
-    new MutationObserver(() => window.answerSteps.push(answer.textContent))
-        .observe(answer, {childList: true, characterData: true, subtree: true});
-}"""
-
-
-async def answer_steps(opened: BrowserPage) -> list[str]:
-    """The answer's text after each change the page made to it, empty ones left out."""
-    steps = await opened.page.evaluate("window.answerSteps")
-    return [step for step in steps if step]
-
-
 def assert_no_console_problems(opened: BrowserPage) -> None:
     assert opened.problems == []
 
@@ -329,7 +316,7 @@ async def test_the_playground_streams_a_chat_answer_as_it_arrives(browser_page, 
     await expect(answer).to_have_text("Hello, world!")
     await expect(page.locator("#fact-tokens")).to_have_text("9 / 3")
     await expect(page.locator("#fact-model")).to_have_text("gpt-4o-2024-08-06")
-    steps = await answer_steps(browser_page)
+    steps = await answer_steps(page)
     assert (steps[0], steps[-1]) == ("Hello", "Hello, world!")
 
     raw = page.locator("#raw-events")
@@ -367,7 +354,7 @@ async def test_the_playground_streams_a_responses_answer(browser_page, console):
     await expect(answer).to_have_text("Bonjour le monde")
     await expect(page.locator("#fact-tokens")).to_have_text("8 / 4")
     await expect(page.locator("#fact-model")).to_have_text("gpt-4o-2024-08-06")
-    steps = await answer_steps(browser_page)
+    steps = await answer_steps(page)
     assert (steps[0], steps[-1]) == ("Bonjour", "Bonjour le monde")
     (body,) = console.chat_bodies
     assert body == {"model": "gpt-4o", "input": "Dis bonjour", "stream": True}

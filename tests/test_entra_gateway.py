@@ -33,7 +33,12 @@ from handlers.app import make_app
 from handlers.listeners import GatewayServer
 from tests.support.bodies import chat
 from tests.support.deployments import write_deployments_file
-from tests.support.identity_endpoint import IdentityEndpoint
+
+# pytest finds fixtures by name in the test module.
+from tests.support.identity_endpoint import (  # noqa: F401
+    IdentityEndpoint,
+    identity_endpoint_fixture,
+)
 from tests.support.metrics import sample, samples
 from tests.support.oidc_issuer import AUDIENCE, OidcIssuer, new_key
 
@@ -41,11 +46,6 @@ EMULATOR_KEY = "emulator-key-entra-7d1c"
 ALICE_KEY = "alice-key-5be0a1"
 SERVICE_APP = "11111111-2222-3333-4444-555555555555"  # the issuer's default azp
 WAIT = 20.0  # seconds: the bound on every wait for an event in these tests
-# Variables that would make ManagedIdentityCredential pick another host than App Service.
-OTHER_IDENTITY_VARIABLES = (
-    "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET",
-    "AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
-)  # fmt: skip
 
 
 class Acquisitions:
@@ -79,18 +79,6 @@ def acquisitions(monkeypatch: pytest.MonkeyPatch) -> Acquisitions:
 
     monkeypatch.setattr(Metrics, "count_token_acquired", count_token_acquired)
     return watch
-
-
-@pytest.fixture
-def endpoint(io_loop: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    server = IdentityEndpoint()
-    io_loop.run_sync(server.start)
-    for name in OTHER_IDENTITY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in server.environment.items():
-        monkeypatch.setenv(name, value)
-    yield server
-    io_loop.run_sync(server.stop)
 
 
 @pytest.fixture

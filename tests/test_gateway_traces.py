@@ -19,7 +19,7 @@ from emulator import AzureEmulator, Fault
 from .conftest import API_VERSION, EMULATOR_KEY, RunningGateway, free_port
 from .support.deployments import write_deployments_file
 from .support.metrics import sample, samples
-from .support.otlp_receiver import OTLPReceiver, ReceivedSpan
+from .support.otlp_receiver import EXPORT_AT_ONCE, OTLPReceiver, by_kind
 from .support.sse import parse_events
 
 CALLER_TRACE_ID = "5b8efff798038103d269b633813fc60c"
@@ -30,8 +30,6 @@ CALLER_TRACE = {
 }
 ALICE_KEY = "sk-alice-trace-5e1f"
 PROMPT = "Tell me about the lighthouse keeper's secret"
-# Export each span as soon as it ends, so the test waits on arrivals, not a schedule.
-EXPORT_AT_ONCE = {"OTEL_BSP_SCHEDULE_DELAY": "10"}
 # A is all but certain to be chosen first.
 HEAVY, LIGHT = 1_000_000, 0.001
 
@@ -109,15 +107,6 @@ def answer_of(body: bytes) -> tuple[str, dict[str, Any]]:
             text += choice.get("delta", {}).get("content") or ""
         usage = chunk.get("usage") or usage
     return text, usage
-
-
-def by_kind(spans: list[ReceivedSpan]) -> tuple[ReceivedSpan, list[ReceivedSpan]]:
-    (server,) = [span for span in spans if span.kind == "SPAN_KIND_SERVER"]
-    clients = sorted(
-        (span for span in spans if span.kind == "SPAN_KIND_CLIENT"),
-        key=lambda span: span.attributes["gateway.attempt"],
-    )
-    return server, clients
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from gateway.policy.estimate import Estimate, TokenEstimator
 from gateway.policy.limits import (
@@ -16,16 +15,10 @@ from gateway.policy.limits import (
     RedisRateLimiter,
 )
 
+from .support.clock import Clock
+
 # The start of some minute, far from the present so no real clock matters.
 T0 = 29_000_000 * 60.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def tokens(prompt: int, completion: int = 0, *, explicit: bool = True) -> Estimate:
@@ -38,20 +31,6 @@ ONE_REQUEST = tokens(0)
 @pytest.fixture
 def clock() -> Clock:
     return Clock(T0)
-
-
-@pytest.fixture
-def redis_client(io_loop: Any, redis_server: Any):
-    """Clients of one redis-server, closed after the test."""
-    clients: list[aioredis.Redis] = []
-
-    def connect(**options: Any) -> aioredis.Redis:
-        clients.append(aioredis.Redis.from_url(redis_server.url, **options))
-        return clients[-1]
-
-    yield connect
-    for client in clients:
-        io_loop.run_sync(client.aclose)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -22,17 +22,8 @@ from gateway.policy.oidc import (
     identities_from_keys,
     looks_like_jwt,
 )
+from tests.support.clock import Clock
 from tests.support.oidc_issuer import AUDIENCE, OidcIssuer, new_key
-
-
-class Clock:
-    """The verifier's monotonic clock, moved by the test, for the refetch rate limit."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -57,6 +48,7 @@ def fetch_json(io_loop: Any) -> Any:
 
 @pytest.fixture
 def clock() -> Clock:
+    """The verifier's monotonic clock, moved by the test, for the refetch rate limit."""
     return Clock()
 
 

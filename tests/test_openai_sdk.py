@@ -10,8 +10,8 @@ import pytest
 from emulator import Fault
 
 from .conftest import API_VERSION, DEPLOYMENT, EMULATOR_KEY
+from .support.sdk_clients import CALLER_KEY, CLIENTS, openai_client
 
-CALLER_KEY = "caller-key-never-forwarded-91"
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -20,21 +20,6 @@ WEATHER_TOOL = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
     },
 }
-
-
-def openai_client(gateway, **options) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=CALLER_KEY, **options)
-
-
-def azure_client(gateway, **options) -> openai.AsyncAzureOpenAI:
-    return openai.AsyncAzureOpenAI(
-        azure_endpoint=gateway.url, api_key=CALLER_KEY, api_version=API_VERSION, **options
-    )
-
-
-CLIENTS = pytest.mark.parametrize(
-    "make_client", [openai_client, azure_client], ids=["openai", "azure"]
-)
 
 
 @CLIENTS

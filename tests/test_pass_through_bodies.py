@@ -10,24 +10,8 @@ import json
 import openai
 import pytest
 
-from .conftest import API_VERSION, DEPLOYMENT
-
-CALLER_KEY = "caller-key-of-the-pass-through-tests"
-
-
-def openai_client(gateway, **options) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=CALLER_KEY, **options)
-
-
-def azure_client(gateway, **options) -> openai.AsyncAzureOpenAI:
-    return openai.AsyncAzureOpenAI(
-        azure_endpoint=gateway.url, api_key=CALLER_KEY, api_version=API_VERSION, **options
-    )
-
-
-CLIENTS = pytest.mark.parametrize(
-    "make_client", [openai_client, azure_client], ids=["openai", "azure"]
-)
+from .conftest import DEPLOYMENT
+from .support.sdk_clients import CLIENTS, azure_client
 
 CURRENT_FIELDS = {
     "reasoning_effort": "high",

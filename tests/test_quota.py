@@ -21,17 +21,11 @@ from gateway.policy.limits import WINDOW_BUCKETS
 from gateway.policy.quota import ANONYMOUS, MemoryQuota, RedisQuota, redacted_redis_url
 from gateway.secret import Secret
 
+from .support.clock import Clock
+
 # The start of some minute, far in the future: no real clock matters, and Redis
 # does not expire the budgets' counters of its day at once.
 T0 = 69_000_000 * 60.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def estimate(prompt: int = 0, completion: int = 0) -> Estimate:

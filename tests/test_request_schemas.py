@@ -23,6 +23,8 @@ from jsonschema.exceptions import best_match
 
 from gateway.validation import BodyValidator, load_registry
 
+from .support.schemas import subschemas
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = ROOT / "schema"
 PASS_THROUGH = ("chat_completions.schema.json", "responses.schema.json", "embeddings.schema.json")
@@ -79,20 +81,10 @@ def test_the_spec_copy_holds_exactly_the_components_the_schemas_read():
 # --------------------------------------------------------------------------- the policy
 
 
-def _subschemas(node: Any):
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _subschemas(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _subschemas(item)
-
-
 @pytest.mark.parametrize("schema_id", PASS_THROUGH)
 def test_no_object_refuses_unknown_fields(schema_id):
     schema = load_registry().contents(schema_id)
-    assert all(sub.get("additionalProperties") is not False for sub in _subschemas(schema))
+    assert all(sub.get("additionalProperties") is not False for sub in subschemas(schema))
 
 
 @pytest.mark.parametrize("schema_id", PASS_THROUGH)
@@ -100,7 +92,7 @@ def test_every_optional_field_at_every_depth_accepts_null(schema_id):
     schema = load_registry().contents(schema_id)
     root = Draft202012Validator(schema)
     checked = 0
-    for sub in _subschemas(schema):
+    for sub in subschemas(schema):
         properties = sub.get("properties")
         if not isinstance(properties, dict) or "if" in sub:
             continue
@@ -117,11 +109,11 @@ def test_only_tags_are_enums(schema_id):
     schema = load_registry().contents(schema_id)
     tag_lists = [
         id(rule)
-        for sub in _subschemas(schema)
+        for sub in subschemas(schema)
         if "allOf" in sub
         for rule in sub.get("properties", {}).values()
     ]
-    for sub in _subschemas(schema):
+    for sub in subschemas(schema):
         values = [value for value in sub.get("enum", ()) if value is not None]
         if len(values) > 1:
             assert id(sub) in tag_lists, sub

@@ -22,7 +22,7 @@ from gateway.ops.tracing import (
 )
 
 from .conftest import free_port
-from .support.otlp_receiver import OTLPReceiver, ReceivedSpan
+from .support.otlp_receiver import EXPORT_AT_ONCE, OTLPReceiver, by_kind
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN_ID = "00f067aa0ba902b7"
@@ -32,8 +32,6 @@ CALLER_HEADERS = {
 }
 PROMPT = "the secret prompt text"
 ANSWER = "the private completion text"
-# Export as soon as a span ends, so tests wait on arrivals, not on a schedule.
-EXPORT_AT_ONCE = {"OTEL_BSP_SCHEDULE_DELAY": "10"}
 
 
 @pytest.fixture
@@ -109,15 +107,6 @@ def traced_request_with_failover(tracer: Tracer) -> dict[str, str]:
     second.end(200)
     request.end(200)
     return injected
-
-
-def by_kind(spans: list[ReceivedSpan]) -> tuple[ReceivedSpan, list[ReceivedSpan]]:
-    (server,) = [span for span in spans if span.kind == "SPAN_KIND_SERVER"]
-    clients = sorted(
-        (span for span in spans if span.kind == "SPAN_KIND_CLIENT"),
-        key=lambda span: span.attributes["gateway.attempt"],
-    )
-    return server, clients
 
 
 def test_a_request_with_one_failover_is_one_server_span_and_two_client_spans(receiver, start):

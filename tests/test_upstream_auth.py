@@ -32,16 +32,16 @@ from gateway.upstream.auth import (
     make_credential,
     parse_auth_entry,
 )
-from tests.support.identity_endpoint import IdentityEndpoint
+
+# pytest finds fixtures by name in the test module.
+from tests.support.identity_endpoint import (  # noqa: F401
+    IdentityEndpoint,
+    identity_endpoint_fixture,
+)
 
 VERSION = "2024-10-21"
 DEPLOYMENT = "gpt-4o"
 WAIT = 10.0  # seconds: the bound on every wait for an event in these tests
-# Variables that would make ManagedIdentityCredential pick another host than App Service.
-OTHER_IDENTITY_VARIABLES = (
-    "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET",
-    "AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
-)  # fmt: skip
 
 
 class Recorder:
@@ -75,18 +75,6 @@ class Recorder:
         self._events.append((calls, count, event))
         self._wake()
         await asyncio.wait_for(event.wait(), WAIT)
-
-
-@pytest.fixture
-def endpoint(io_loop: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    server = IdentityEndpoint()
-    io_loop.run_sync(server.start)
-    for name in OTHER_IDENTITY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in server.environment.items():
-        monkeypatch.setenv(name, value)
-    yield server
-    io_loop.run_sync(server.stop)
 
 
 @pytest.fixture

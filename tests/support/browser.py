@@ -30,6 +30,8 @@ DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 # Playwright's own default for every wait and expect, made explicit.
 ACTION_TIMEOUT_MS = 10_000
+# A browser test's own bound: launching Chromium and a page's round trips take a while.
+BROWSER_TEST = pytest.mark.gen_test(timeout=60)
 
 
 @dataclass(frozen=True)

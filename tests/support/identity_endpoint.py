@@ -21,14 +21,22 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import pytest
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
 API_VERSION = "2019-08-01"
 RESOURCE = "https://cognitiveservices.azure.com"
+# Variables that would make ManagedIdentityCredential pick another host than App Service.
+OTHER_IDENTITY_VARIABLES = (
+    "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET",
+    "AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,21 @@ class IdentityEndpoint:
         server, self._server = self._server, None
         server.stop()
         await server.close_all_connections()
+
+
+@pytest.fixture(name="endpoint")
+def identity_endpoint_fixture(
+    io_loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[IdentityEndpoint]:
+    """A running endpoint that ManagedIdentityCredential is pointed at, for this test only."""
+    server = IdentityEndpoint()
+    io_loop.run_sync(server.start)
+    for name in OTHER_IDENTITY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in server.environment.items():
+        monkeypatch.setenv(name, value)
+    yield server
+    io_loop.run_sync(server.stop)
 
 
 def _quiet(handler: RequestHandler) -> None:

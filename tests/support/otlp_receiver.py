@@ -27,6 +27,9 @@ from tornado.web import Application, RequestHandler
 
 START_TIMEOUT = 10.0
 WAIT_TIMEOUT = 10.0
+# Tracer settings that export each span as soon as it ends, so tests wait on arrivals,
+# not on the batch processor's schedule.
+EXPORT_AT_ONCE = {"OTEL_BSP_SCHEDULE_DELAY": "10"}
 
 
 def any_value(value: AnyValue) -> Any:
@@ -252,3 +255,13 @@ class OTLPReceiver:
 def _settle(future: asyncio.Future[list[ReceivedSpan]], spans: list[ReceivedSpan]) -> None:
     if not future.done():
         future.set_result(spans)
+
+
+def by_kind(spans: list[ReceivedSpan]) -> tuple[ReceivedSpan, list[ReceivedSpan]]:
+    """Split one request's spans into its server span and its client spans in attempt order."""
+    (server,) = [span for span in spans if span.kind == "SPAN_KIND_SERVER"]
+    clients = sorted(
+        (span for span in spans if span.kind == "SPAN_KIND_CLIENT"),
+        key=lambda span: span.attributes["gateway.attempt"],
+    )
+    return server, clients
