@@ -34,11 +34,12 @@ from gateway.faces import FACES, OPENAI_CHAT  # noqa: E402
 from gateway.ops.metrics import Metrics  # noqa: E402
 from gateway.pipeline import Inbound, Pipeline, RequestRecord  # noqa: E402
 from gateway.policy.deployments import Deployment  # noqa: E402
+from gateway.policy.estimate import TokenEstimator  # noqa: E402
 from gateway.policy.failover import DeploymentPool, Failover  # noqa: E402
 from gateway.policy.keys import CallerKey, KeyRing  # noqa: E402
 from gateway.policy.quota import MemoryQuota  # noqa: E402
 from gateway.secret import Secret  # noqa: E402
-from gateway.upstream.client import UpstreamResponse  # noqa: E402
+from gateway.upstream.client import UpstreamResponse, api_key_auth  # noqa: E402
 from gateway.validation import BodyValidator, load_registry  # noqa: E402
 
 KEY = "sk-bench-tracing-1"
@@ -99,13 +100,18 @@ class Events:
 class InstantUpstream:
     body = json.dumps(ANSWER).encode()
 
-    async def complete(self, deployment: Any, operation: str, body: bytes, call: Any) -> Any:
+    async def complete(self, deployment: Any, target: Any, body: Any, call: Any, **_: Any) -> Any:
         return UpstreamResponse(
             200, HTTPHeaders({"apim-request-id": "apim-bench"}), self.body, ANSWER
         )
 
-    async def open_stream(self, deployment: Any, operation: str, body: bytes, call: Any) -> Any:
+    async def open_stream(
+        self, deployment: Any, target: Any, body: Any, call: Any, **_: Any
+    ) -> Any:
         return Events()
+
+    def auth_of(self, deployment: Any) -> Any:
+        return api_key_auth(deployment)
 
     def close(self) -> None:
         pass
@@ -113,7 +119,9 @@ class InstantUpstream:
 
 def build(tracing: bool) -> Pipeline:
     registry = load_registry()
-    settings = Settings(deployments=(DEPLOYMENT,))
+    settings = Settings(
+        deployments=(DEPLOYMENT,), stream_keepalive=float(__import__("os").environ.get("KA", "15"))
+    )
     extra: dict[str, Any] = {}
     if tracing:
         from gateway.ops.tracing import load_tracing_settings, start_tracing
@@ -123,11 +131,16 @@ def build(tracing: bool) -> Pipeline:
     return Pipeline(
         settings=settings,
         upstream=InstantUpstream(),
-        failover=Failover(DeploymentPool(settings.deployments), max_attempts=3, max_retry_wait=0),
+        failover=Failover(
+            DeploymentPool(settings.deployments, max_cooldown=60),
+            max_attempts=3,
+            max_retry_wait=0,
+        ),
         validators={face.schema: BodyValidator(face.schema, registry) for face in FACES},
         keyring=KeyRing([CallerKey(name="bench", key=Secret(KEY), rpm=10**9)]),
         quota=MemoryQuota(),
         metrics=Metrics(CollectorRegistry()),
+        estimator=TokenEstimator({}),
         **extra,
     )
 
@@ -135,20 +148,16 @@ def build(tracing: bool) -> Pipeline:
 async def one_request(pipeline: Pipeline, body: bytes, headers: HTTPHeaders) -> None:
     """What ApiHandler and the access-log hook do around `Pipeline.run`."""
     inbound = Inbound(request_id="req-bench", headers=headers, body=body, body_size=len(body))
-    tracer = getattr(pipeline, "tracer", None)
-    if tracer is None:
-        record = RequestRecord(headers={"x-request-id": "req-bench"})
-    else:
-        trace = tracer.request("POST", "/v1/chat/completions" if tracer.enabled else "", headers)
-        record = RequestRecord(headers={"x-request-id": "req-bench"}, trace=trace)
+    tracer = pipeline.tracer
+    trace = tracer.request("POST", "/v1/chat/completions" if tracer.enabled else "", headers)
+    record = RequestRecord(headers={"x-request-id": "req-bench"}, trace=trace)
     answer = await pipeline.run(OPENAI_CHAT, inbound, record)
     if answer.stream is not None:
         async for _ in answer.stream:
             pass
-    if tracer is not None:
-        record.trace.set_key("bench")
-        record.trace.set_request_id("req-bench")
-        record.trace.end(200, error_type=record.error_code)
+    record.trace.set_key("bench")
+    record.trace.set_request_id("req-bench")
+    record.trace.end(200, error_type=record.error_code)
 
 
 async def measure(pipeline: Pipeline, stream: bool, requests: int, rounds: int) -> float:
