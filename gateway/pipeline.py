@@ -70,7 +70,8 @@ RELAYED_HEADERS = ("apim-request-id", "x-ms-region")
 # Azure's own rate-limit state, for callers whose key has no limits of its own
 # (a key with limits gets its key's, from the quota).
 AZURE_RATE_LIMIT_HEADERS = ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
-# A request without a body (a stored response's retrieve, delete, ...) costs no tokens.
+# What a request is charged when its tokens decide nothing, or it has no body (a
+# stored response's retrieve, delete, ...).
 NO_TOKENS = Estimate(0, 0, completion_explicit=False, counted_by="none")
 # An SSE comment: clients skip it, proxies see bytes and keep the connection.
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
@@ -86,8 +87,8 @@ log = logging.getLogger(__name__)
 class EventStream(Protocol):
     """Azure's events, pulled (gateway.upstream.client.UpstreamStream).
 
-    A pull may be cancelled while it waits (a keep-alive comment is due) and
-    pulled again: the iterator must lose no event when that happens.
+    A step is the events received since the previous one; an empty step is a
+    silence of STREAM_KEEPALIVE seconds, answered with a keep-alive comment.
     """
 
     @property
@@ -381,14 +382,7 @@ class Pipeline:
             streams = face.may_stream and (
                 bool(body.body.get("stream")) if body is not None else asks_stream(inbound.query)
             )
-            names = (model, *(name for d in candidates for name in d.models))
-            estimate = (
-                NO_TOKENS
-                if body is None
-                else self.estimator.estimate(
-                    body.body, face.estimate_as, [name for name in names if name]
-                )
-            )
+            estimate = self.estimate(face, body, model, candidates, record.caller)
             held = face.held_response(request, inbound.path_args) if face.held_response else None
             if held is not None:
                 holder = await self.holders.holder(face, held, candidates)
@@ -433,6 +427,23 @@ class Pipeline:
         if not usable:
             self.keyring.check_model(caller, [model] if model else [])
         return usable
+
+    def estimate(
+        self,
+        face: Face,
+        body: UpstreamBody | None,
+        model: str | None,
+        candidates: tuple[Deployment, ...],
+        caller: CallerKey | None,
+    ) -> Estimate:
+        """The request's tokens, counted only where they decide something: a key with limits
+        or budgets to charge, or more than one deployment to choose between by capacity."""
+        if body is None or (len(candidates) < 2 and (caller is None or not has_limits(caller))):
+            return NO_TOKENS
+        names = (model, *(name for d in candidates for name in d.models))
+        return self.estimator.estimate(
+            body.body, face.estimate_as, [name for name in names if name]
+        )
 
     def visible_models(self, caller: CallerKey | None) -> list[str]:
         """The names GET /v1/models lists for this caller."""
@@ -671,21 +682,10 @@ class Pipeline:
         self.metrics.streams_in_flight.inc()
         last_event: bytes | None = None
         unrecorded = face.records_response
-        keepalive = self.settings.stream_keepalive
         reading = genai.read_stream(record.attempt)
-        pulls = aiter(stream)
         try:
-            while True:
-                try:
-                    if keepalive:
-                        # A timeout only cancels the wait: events that arrive are kept.
-                        async with asyncio.timeout(keepalive):
-                            events = await anext(pulls)
-                    else:
-                        events = await anext(pulls)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
+            async for events in stream:
+                if not events:  # Azure silent for STREAM_KEEPALIVE seconds
                     yield KEEPALIVE_COMMENT
                     continue
                 if reading is not None:

@@ -360,6 +360,10 @@ class UpstreamClient:
         return self._settings.first_byte_timeout
 
     @property
+    def stream_keepalive(self) -> float:
+        return self._settings.stream_keepalive
+
+    @property
     def stream_idle_timeout(self) -> float:
         return self._settings.stream_idle_timeout
 
@@ -370,7 +374,9 @@ class UpstreamClient:
 
 class UpstreamStream:
     """Azure's event stream: `async for events in stream` gives the whole events received
-    since the previous step (a list of raw event bytes, never empty).
+    since the previous step (a list of raw event bytes). An empty step means Azure has
+    been silent for STREAM_KEEPALIVE seconds since the last one, so the caller can send
+    a keep-alive; it is timed by the stream's one timer, not by each step.
 
     The iteration ends after the event `ends_stream` recognises (chat's
     `[DONE]`, a Responses terminal event). A stream that fails after its
@@ -404,7 +410,8 @@ class UpstreamStream:
         self.started = False  # events were handed out
         self.ended = False  # the transfer is over
         self._transport_error: HTTPTransportError | None = None
-        self._opened_at = self._last_activity = time.monotonic()
+        self._opened_at = self._last_activity = self._last_step = time.monotonic()
+        self._silent = False  # a keep-alive step is due
 
     @property
     def buffered(self) -> int:
@@ -476,6 +483,13 @@ class UpstreamStream:
             error = self._failure()
             if error is not None:
                 raise error
+        keepalive = self._client.stream_keepalive
+        if keepalive and self._timer is not None:  # from now on the timer keeps it too
+            self._last_step = time.monotonic()
+            self._timer.cancel()
+            self._timer = self._loop.call_later(
+                min(keepalive, self._client.stream_idle_timeout), self._check_timeouts
+            )
 
     async def _wait(self) -> None:
         self._waiter = self._loop.create_future()
@@ -497,7 +511,11 @@ class UpstreamStream:
                 if error is not None:
                     raise error
                 raise StopAsyncIteration
+            if self._silent:
+                self._silent = False
+                return []
             await self._wait()
+        self._silent = False
         if self._queued <= MAX_STEP_SIZE:
             events, self._events, size = self._events, [], self._queued
         else:
@@ -511,6 +529,7 @@ class UpstreamStream:
         self.started = True
         self._queued -= size
         self._lent = size
+        self._last_step = time.monotonic()
         return events
 
     def close(self) -> None:
@@ -548,11 +567,20 @@ class UpstreamStream:
         else:
             reason = "idle"
             remaining = self._last_activity + self._client.stream_idle_timeout - now
-        if remaining > 0:
-            self._timer = self._loop.call_later(remaining, self._check_timeouts)
-        else:
+        if remaining <= 0:
             self._timer = None
             self.call.abort(reason)
+            return
+        keepalive = self._client.stream_keepalive
+        if keepalive and self.status is not None:
+            due = self._last_step + keepalive - now
+            if due <= 0:
+                self._silent = True
+                self._last_step = now
+                self._wake()
+                due = keepalive
+            remaining = min(remaining, due)
+        self._timer = self._loop.call_later(remaining, self._check_timeouts)
 
     def _failure(self) -> GatewayError | None:
         """Why the stream ended without [DONE]; None if it ended well or the caller left."""
